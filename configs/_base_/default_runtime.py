@@ -1,0 +1,26 @@
+# Runtime shared by every recipe: MMEngine's hooks, logging, checkpoints.
+default_scope = 'mllm'
+
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    # iteration-based `iter_N.pth` checkpoints; keep the last two
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=500, max_keep_ckpts=2),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+)
+# checkpoints hold only the trainable tensors
+custom_hooks = [dict(type='TrainableCheckpointHook')]
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'),  # switched to gloo on CPU
+)
+# per-iteration scalars land in <work_dir>/<timestamp>/vis_data/scalars.json
+visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
+log_processor = dict(by_epoch=False, window_size=1)
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=42, deterministic=False)

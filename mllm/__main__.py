@@ -1,0 +1,3 @@
+from mllm.cli import main
+
+raise SystemExit(main())

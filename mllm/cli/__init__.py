@@ -1,0 +1,44 @@
+"""The ``mllm`` command: one module per subcommand, imported only when it runs."""
+import argparse
+import importlib
+import sys
+import traceback
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    'train': ('mllm.cli.train', 'train a config (MMEngine runner, XTuner loop, optional DeepSpeed)'),
+    'inspect': ('mllm.cli.inspect', 'parameter and visual-token counts, built on the meta device'),
+    'check-data': ('mllm.cli.check_data', 'validate every sample of a config\'s data'),
+    'list-cfg': ('mllm.cli.list_cfg', 'list the shipped configs'),
+    'copy-cfg': ('mllm.cli.copy_cfg', 'copy a shipped config to edit it'),
+    'print-config': ('mllm.cli.print_config', 'print the merged config after overrides'),
+    'demo': ('mllm.cli.demo', 'synthetic data -> tiny LLaVA vs blind baseline -> results table'),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='mllm', description=__doc__)
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser.print_help(sys.stderr if argv else sys.stdout)
+        if argv and argv[0] not in ('-h', '--help'):
+            print(f'\nmllm: unknown command {argv[0]!r}', file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    command_parser = argparse.ArgumentParser(prog=f'mllm {argv[0]}',
+                                             description=COMMANDS[argv[0]][1])
+    module.add_arguments(command_parser)
+    args = command_parser.parse_args(argv[1:])
+    try:
+        return module.run(args) or 0
+    except KeyboardInterrupt:
+        print('mllm: interrupted', file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is shown and gives a non-zero exit
+        traceback.print_exc()
+        print(f'\nmllm {argv[0]}: error: {err}', file=sys.stderr)
+        return 1

@@ -1,0 +1,84 @@
+"""``mllm check-data CONFIG``: validate every sample of the training data as training reads
+it (structure, image present and decodable, template encoding, length) and report each
+problem with its file and sample; ``--show N`` prints the first N encoded samples."""
+import json
+import sys
+
+from mmengine.config import DictAction
+
+
+def add_arguments(parser):
+    parser.add_argument('config')
+    parser.add_argument('--data', help="check this .json/.jsonl instead of the config's file")
+    parser.add_argument('--image-folder', help='image folder for --data')
+    parser.add_argument('--show', type=int, default=0, metavar='N',
+                        help='print the first N samples as training encodes them')
+    parser.add_argument('--json', action='store_true', help='one JSON object per line')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
+
+
+def sample_problems(dataset):
+    """Yield (index, problem) for every sample; structure first, then image and encoding."""
+    from PIL import Image
+
+    from mllm.datasets.llava import DataError
+    from mllm.datasets.templates import IMAGE_TOKEN_INDEX, encode_conversation
+
+    structural = dict(dataset.problems)
+    for index, sample in enumerate(dataset.samples):
+        if index in structural:
+            yield index, structural[index]
+            continue
+        num_image_tokens = 0
+        if sample.get('image'):
+            try:
+                image = dataset.load_image(index)
+                num_image_tokens = dataset.image_processor.num_visual_tokens(image.size)
+            except DataError as err:
+                yield index, str(err).removeprefix(dataset.describe(index) + ': ')
+                continue
+        try:
+            encoded = encode_conversation(sample['conversations'], dataset.tokenizer,
+                                          dataset.template, num_image_tokens=num_image_tokens)
+        except ValueError as err:
+            yield index, str(err)
+            continue
+        ids = encoded['input_ids']
+        if len(ids) > dataset.max_length:
+            cut_image = IMAGE_TOKEN_INDEX in ids[dataset.max_length:]
+            yield index, (f'{len(ids)} tokens exceed max_length {dataset.max_length}: ' +
+                          ('truncation would cut its image tokens, so training stops on it'
+                           if cut_image else 'training truncates it'))
+
+
+def run(args) -> int:
+    from mllm.engine.config import load_config
+    from mllm.registry import DATASETS
+
+    cfg = load_config(args.config, args.cfg_options)
+    dataset_cfg = cfg.train_dataloader.dataset.copy()
+    if args.data:
+        dataset_cfg['data_path'] = args.data
+        dataset_cfg['image_folder'] = args.image_folder
+    dataset_cfg['strict'] = False
+    dataset = DATASETS.build(dataset_cfg)
+    for index in range(min(args.show, len(dataset))):
+        if any(i == index for i, _ in dataset.problems):
+            continue
+        item = dataset[index]
+        record = dict(index=index, id=dataset.samples[index].get('id'),
+                      input_ids=item['input_ids'].tolist(), labels=item['labels'].tolist())
+        print(json.dumps(record) if args.json else
+              f'{dataset.describe(index)}\n  input_ids: {record["input_ids"]}\n'
+              f'  labels:    {record["labels"]}')
+    problems = list(sample_problems(dataset))
+    for index, problem in problems:
+        if args.json:
+            print(json.dumps(dict(file=dataset.data_path, place=dataset.places[index],
+                                  id=dataset.samples[index].get('id'), problem=problem)))
+        else:
+            print(f'{dataset.describe(index)}: {problem}', file=sys.stderr)
+    summary = dict(file=dataset.data_path, samples=len(dataset), problems=len(problems))
+    print(json.dumps(summary) if args.json else
+          f'checked {len(dataset)} samples of {dataset.data_path}: {len(problems)} problem(s)')
+    return 1 if problems else 0

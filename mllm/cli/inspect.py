@@ -1,0 +1,73 @@
+"""``mllm inspect CONFIG``: build the model on the meta device (no weights, seconds even for
+34B) and report parameters per component, trainable parameters and visual tokens."""
+import json
+
+import torch
+from mmengine.config import DictAction
+
+# model attribute -> reported component name
+COMPONENT_NAMES = {'vision_encoder': 'vision', 'projector': 'projector', 'llm': 'llm'}
+
+
+def parse_size(text: str):
+    try:
+        w, h = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise ValueError(f'--image-size must look like 1536x768 (W x H), got {text!r}') from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f'--image-size must be positive, got {text!r}')
+    return w, h
+
+
+def add_arguments(parser):
+    parser.add_argument('config')
+    parser.add_argument('--image-size', type=parse_size, metavar='WxH',
+                        help="image size to count visual tokens for (default: the config's)")
+    parser.add_argument('--json', action='store_true', help='print one JSON object')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
+
+
+def _without_weights(component: dict) -> dict:
+    component = dict(component)
+    component['load_weights'] = False
+    component.pop('quantization', None)  # the meta device needs no real quantized storage
+    return component
+
+
+def inspect_config(cfg, image_size=None) -> dict:
+    """The report of ``mllm inspect`` for a loaded (bound) config."""
+    from mllm.registry import MODELS, TRANSFORMS
+
+    model_cfg = cfg.model.copy()
+    for key in ('llm', 'vision_encoder'):
+        model_cfg[key] = _without_weights(model_cfg[key])
+    with torch.device('meta'):
+        model = MODELS.build(model_cfg)
+    params = {}
+    for name, child in model.named_children():
+        count = sum(p.numel() for p in child.parameters())
+        if count:
+            params[COMPONENT_NAMES.get(name, name)] = count
+    params['total'] = sum(p.numel() for p in model.parameters())
+    processor = TRANSFORMS.build(cfg.image_processor)
+    image_size = image_size or (processor.size, processor.size)
+    return dict(params=params,
+                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                visual_tokens=model.vision_encoder.num_visual_tokens(processor.output_size(image_size)),
+                image_size=list(image_size))
+
+
+def run(args) -> int:
+    from mllm.engine.config import load_config
+
+    report = inspect_config(load_config(args.config, args.cfg_options), args.image_size)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f'{"component":<20}{"parameters":>18}')
+    for name, count in report['params'].items():
+        print(f'{name:<20}{count:>18,}  ({count / 1e9:.3f} B)')
+    print(f'{"trainable":<20}{report["trainable_params"]:>18,}')
+    w, h = report['image_size']
+    print(f'visual tokens for a {w}x{h} image: {report["visual_tokens"]}')
+    return 0

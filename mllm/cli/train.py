@@ -1,0 +1,50 @@
+"""``mllm train CONFIG``: one process, or N processes through torchrun (NPROC_PER_NODE=N)."""
+import argparse
+import os
+import subprocess
+import sys
+
+from mmengine.config import DictAction
+
+
+def add_arguments(parser):
+    parser.add_argument('config', help='config file, or a shipped config name')
+    parser.add_argument('--work-dir', help='defaults to work_dirs/<config name>')
+    parser.add_argument('--deepspeed', help='zero1 | zero2 | zero3 | zero3_offload | a JSON path')
+    parser.add_argument('--resume', help="'auto' (newest checkpoint of the work dir) or a path")
+    parser.add_argument('--load-from', help='start from these weights (e.g. the previous '
+                        "stage's checkpoint) without resuming its optimizer and schedule")
+    parser.add_argument('--seed', type=int)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help='override config keys: key=value ...')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help=argparse.SUPPRESS)  # set by the torchrun re-launch
+
+
+def launch_torchrun(nproc: int) -> int:
+    """Re-run this command under torchrun; multi-node settings come from the environment."""
+    env = os.environ
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+           f'--nnodes={env.get("NNODES", 1)}', f'--node_rank={env.get("NODE_RANK", 0)}',
+           f'--master_addr={env.get("ADDR", "127.0.0.1")}',
+           f'--master_port={env.get("PORT", 29500)}',
+           '-m', 'mllm', *sys.argv[1:], '--launcher', 'pytorch']
+    return subprocess.run(cmd).returncode
+
+
+def run(args) -> int:
+    nproc = int(os.environ.get('NPROC_PER_NODE', 1))
+    if nproc > 1 and args.launcher == 'none':
+        return launch_torchrun(nproc)
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')  # nothing downloads at run time
+    from mllm.engine.config import load_config, find_config
+    from mllm.engine.runner import build_runner
+
+    config = find_config(args.config)
+    cfg = load_config(config, args.cfg_options)
+    work_dir = args.work_dir or cfg.get('work_dir') or os.path.join(
+        'work_dirs', os.path.splitext(os.path.basename(config))[0])
+    runner = build_runner(cfg, work_dir=work_dir, launcher=args.launcher, resume=args.resume,
+                          load_from=args.load_from, seed=args.seed, deepspeed=args.deepspeed)
+    runner.train()
+    return 0

@@ -1,0 +1,35 @@
+"""Batching: pad token sequences, stack images in sample order."""
+from typing import Dict, List
+
+import torch
+
+from mllm.datasets.templates import IGNORE_INDEX
+from mllm.registry import FUNCTIONS
+
+
+@FUNCTIONS.register_module()
+def llava_collate(instances: List[dict], pad_token_id: int = 0,
+                  padding_side: str = 'right') -> Dict[str, torch.Tensor]:
+    """Pad ``input_ids``/``labels`` and build the attention mask.
+
+    Padded positions get ``attention_mask`` 0 and label ``IGNORE_INDEX``, so they are
+    neither attended to nor learned. Images are stacked in sample order, which is the
+    order the model scatters their features into the image-token slots. Use
+    ``padding_side='left'`` for batched generation.
+    """
+    if padding_side not in ('left', 'right'):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    longest = max(len(x['input_ids']) for x in instances)
+    input_ids = torch.full((len(instances), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(instances), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(instances), longest), dtype=torch.long)
+    for row, x in enumerate(instances):
+        n = len(x['input_ids'])
+        cols = slice(longest - n, longest) if padding_side == 'left' else slice(0, n)
+        input_ids[row, cols] = torch.as_tensor(x['input_ids'])
+        attention_mask[row, cols] = 1
+        if 'labels' in x:
+            labels[row, cols] = torch.as_tensor(x['labels'])
+    images = [x['pixel_values'] for x in instances if x.get('pixel_values') is not None]
+    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                pixel_values=torch.stack(images) if images else None)

@@ -1,0 +1,173 @@
+"""The LLaVA JSON data format: samples with an optional image and human/gpt turns.
+
+A data file is a JSON list (``.json``) or one sample per line (``.jsonl``)::
+
+    {"id": "000001", "image": "coco/000001.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+Structure is validated when the dataset is built (every problem is reported with the
+file, the line or index and the sample id); images are read when a sample is used.
+"""
+import json
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from mllm.datasets.templates import IMAGE_TOKEN, encode_conversation, get_template
+from mllm.registry import DATASETS, TRANSFORMS
+
+ROLES = {'human', 'gpt', 'user', 'assistant', 'system'}
+
+
+class DataError(ValueError):
+    """A problem with one sample of a data file; the message names the file and sample."""
+
+
+def read_samples(data_path: str) -> Tuple[List[dict], List[str]]:
+    """Samples of a .json/.jsonl file and, per sample, where it is ("line 7" / "index 6")."""
+    if not os.path.isfile(data_path):
+        raise FileNotFoundError(f'data file not found: {data_path}')
+    with open(data_path, encoding='utf-8') as f:
+        if data_path.endswith('.jsonl'):
+            samples, places = [], []
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    samples.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f'{data_path}: line {lineno}: invalid JSON ({err.msg})') from err
+                places.append(f'line {lineno}')
+            return samples, places
+        try:
+            samples = json.load(f)
+        except json.JSONDecodeError as err:
+            raise DataError(f'{data_path}: line {err.lineno}: invalid JSON ({err.msg})') from err
+    if not isinstance(samples, list):
+        raise DataError(f'{data_path}: expected a JSON list of samples, got {type(samples).__name__}')
+    return samples, [f'index {i}' for i in range(len(samples))]
+
+
+def sample_problem(sample) -> Optional[str]:
+    """What is structurally wrong with one sample, or None."""
+    if not isinstance(sample, dict):
+        return f'a sample must be an object, got {type(sample).__name__}'
+    conversations = sample.get('conversations')
+    if not isinstance(conversations, list) or not conversations:
+        return "missing or empty 'conversations' list"
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get('value'), str):
+            return f"turn {i} must be an object with a string 'value'"
+        if turn.get('from') not in ROLES:
+            return f"turn {i} has unknown role {turn.get('from')!r} (expected human or gpt)"
+    image = sample.get('image')
+    num_placeholders = sum(t['value'].count(IMAGE_TOKEN) for t in conversations)
+    if image is not None and not isinstance(image, str):
+        return f"'image' must be a path string, got {type(image).__name__}"
+    if image and num_placeholders != 1:
+        return (f'the sample has an image but {num_placeholders} {IMAGE_TOKEN} placeholders '
+                'in its text (expected exactly 1)')
+    if not image and num_placeholders:
+        return f'the text has {IMAGE_TOKEN} but the sample has no image'
+    return None
+
+
+def resolve_image_path(image_folder: Optional[str], image: str) -> str:
+    """The image's path; relative paths may not escape ``image_folder``."""
+    if image_folder is None:
+        return image
+    root = os.path.realpath(image_folder)
+    path = os.path.realpath(os.path.join(root, image))
+    if os.path.commonpath([root, path]) != root:
+        raise DataError(f'image path {image!r} points outside the image folder {image_folder}')
+    return path
+
+
+@DATASETS.register_module()
+class LLaVADataset(Dataset):
+    """LLaVA JSON/JSONL conversations with images, encoded as training sees them.
+
+    Args:
+        data_path: the .json or .jsonl file.
+        image_folder: folder that sample ``image`` paths are relative to.
+        tokenizer: tokenizer or its config (``dict(pretrained=...)``); recipes bind the
+            top-level ``tokenizer`` key.
+        template: chat template name; recipes bind the top-level ``template`` key.
+        image_processor: processor config or instance; recipes bind ``image_processor``.
+        max_length: longest token sequence; longer samples are truncated. Defaults to 2048.
+        blank_images: replace every image with a blank one (the "blind" baseline).
+        strict: raise on malformed samples when built; ``mllm check-data`` turns it off
+            to list every problem (``self.problems``) instead of stopping at the first.
+    """
+
+    def __init__(self, data_path: str, tokenizer, template: str, image_processor,
+                 image_folder: Optional[str] = None, max_length: int = 2048,
+                 blank_images: bool = False, strict: bool = True):
+        from mllm.models.llms import build_tokenizer  # keeps `import mllm.datasets` light
+
+        self.data_path = data_path
+        self.image_folder = image_folder
+        self.tokenizer = build_tokenizer(tokenizer)
+        self.template = get_template(template)
+        self.image_processor = (TRANSFORMS.build(image_processor)
+                                if isinstance(image_processor, dict) else image_processor)
+        self.max_length = max_length
+        self.blank_images = blank_images
+        self.samples, self.places = read_samples(data_path)
+        self.problems = [(i, p) for i, s in enumerate(self.samples)
+                         if (p := sample_problem(s)) is not None]
+        if self.problems and strict:
+            problems = [(self.places[i], p) for i, p in self.problems]
+            listing = '; '.join(f'{place}: {p}' for place, p in problems[:5])
+            raise DataError(f'{data_path}: {len(problems)} malformed sample(s) — {listing}'
+                            f'{" ..." if len(problems) > 5 else ""} (run `mllm check-data`)')
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        sample_id = self.samples[index].get('id')
+        return f'{self.data_path}: {self.places[index]}' + (f' (id {sample_id})' if sample_id else '')
+
+    @property
+    def modality_length(self) -> List[int]:
+        """Cheap length estimates, negative for text-only samples (LLaVA's convention)."""
+        lengths = []
+        for s in self.samples:
+            words = sum(len(t['value'].split()) for t in s['conversations'])
+            if s.get('image'):
+                lengths.append(words + self.image_processor.num_visual_tokens((1, 1)))
+            else:
+                lengths.append(-max(words, 1))
+        return lengths
+
+    def load_image(self, index: int) -> Image.Image:
+        path = resolve_image_path(self.image_folder, self.samples[index]['image'])
+        try:
+            with Image.open(path) as image:
+                return image.convert('RGB')
+        except FileNotFoundError as err:
+            raise DataError(f'{self.describe(index)}: image not found: {path}') from err
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f'{self.describe(index)}: cannot decode image {path} ({err})') from err
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        num_image_tokens, pixel_values = 0, None
+        if sample.get('image'):
+            image = self.image_processor.blank() if self.blank_images else self.load_image(index)
+            pixel_values = self.image_processor(image)
+            num_image_tokens = self.image_processor.num_visual_tokens(image.size)
+        try:
+            encoded = encode_conversation(sample['conversations'], self.tokenizer, self.template,
+                                          num_image_tokens=num_image_tokens,
+                                          max_length=self.max_length)
+        except ValueError as err:
+            raise DataError(f'{self.describe(index)}: {err}') from err
+        return dict(input_ids=torch.tensor(encoded['input_ids']),
+                    labels=torch.tensor(encoded['labels']),
+                    pixel_values=pixel_values, index=index)

@@ -1,0 +1,8 @@
+"""Samplers. LLaVA's group-by-modality-length sampler is XTuner's, registered here."""
+from xtuner.dataset.samplers import LengthGroupedSampler
+
+from mllm.registry import DATA_SAMPLERS
+
+# Groups samples of similar length (multimodal and text-only apart) into mega-batches,
+# as LLaVA-1.5's finetuning does; reads the dataset's `modality_length` property.
+DATA_SAMPLERS.register_module(name='LengthGroupedSampler', module=LengthGroupedSampler)

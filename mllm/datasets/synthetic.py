@@ -1,0 +1,283 @@
+"""Seeded synthetic visual-QA set in the LLaVA JSON format, plus a word-level tokenizer.
+
+The set exists to show that a tiny random-init LLaVA (64 px ViT, 2-layer LLM) learns to *use the image*
+on a CPU in minutes. Every question is answerable only from the image: inside a category the question
+wording is drawn independently of the answer and the answers are exactly balanced, so a blind model
+(blank images) sits at chance, 1/k per category.
+
+Categories (answers are one word each):
+    colour       What colour is the shape?            red green blue yellow purple orange   (1/6)
+    shape        What shape is shown?                 circle square triangle cross          (1/4)
+    position     Where is the shape?                  left right top bottom                 (1/4)
+    count        How many shapes are there?           one two three four                    (1/4)
+    fine_detail  What colour is the tiny dot ...?     red green blue yellow                 (1/4)
+
+fine_detail is legible at full resolution, not at 64 px. The detail is one 64-px cell (4x4 px at 256 px),
+framed, in a random corner: a solid 2x2 "dot" of the answer colour in the cell's top-left quarter, the
+other quarters holding the other three dot colours, mixed. Each pixel of the dot and its three mirror
+images in the other quarters hold every dot colour once, so the cell's mean (and any weighting symmetric
+inside the cell) is the same for every answer: area / box downsampling (``Image.reduce(4)``, torch
+``mode='area'``, torch bilinear without antialias) gives a byte-identical 64-px image whatever the
+answer. Antialiased bilinear / bicubic kernels reach past the cell and leak up to ~37/255 into the
+neighbouring 64-px pixels (a linear probe on the oracle 3x3 neighbourhood decodes it), so the 64-px
+baseline should downsample by area for a clean "low resolution cannot see it" comparison.
+"""
+import json
+import os
+import os.path as osp
+import random
+import re
+import shutil
+import string
+
+from PIL import Image, ImageDraw
+
+CATEGORIES = ('colour', 'shape', 'position', 'count', 'fine_detail')
+# share of each split per category; fine_detail is smaller because it is a probe, not a skill to learn
+CATEGORY_SHARES = (0.22, 0.22, 0.22, 0.22, 0.12)
+
+COLOURS = {
+    'red': (220, 30, 30), 'green': (20, 160, 50), 'blue': (30, 70, 230),
+    'yellow': (240, 205, 0), 'purple': (140, 40, 180), 'orange': (250, 125, 0),
+}
+SHAPES = ('circle', 'square', 'triangle', 'cross')
+POSITIONS = ('left', 'right', 'top', 'bottom')
+COUNTS = ('one', 'two', 'three', 'four')
+DOT_COLOURS = ('red', 'green', 'blue', 'yellow')  # exactly 4: _detail_cell puts one per quarter
+CORNERS = ('top_left', 'top_right', 'bottom_left', 'bottom_right')
+
+ANSWERS = dict(colour=tuple(COLOURS), shape=SHAPES, position=POSITIONS, count=COUNTS,
+               fine_detail=DOT_COLOURS)
+QUESTIONS = dict(
+    colour=('What colour is the shape?', 'What is the colour of the shape?'),
+    shape=('What shape is shown?', 'Which shape is in the image?'),
+    position=('Where is the shape?', 'On which side of the image is the shape?'),
+    count=('How many shapes are there?', 'How many shapes are in the image?'),
+    fine_detail=('What colour is the tiny dot in the marked corner?', 'What colour is the small dot?'),
+)
+# vicuna_v1 template words, so a chat-formatted prompt never hits <unk>
+CHAT_TEXTS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.", 'USER: ASSISTANT:')
+SPECIAL_TOKENS = ('<unk>', '<s>', '</s>', '<pad>', '<image>')  # ids 0..4, Llama order for the first three
+VOCAB_LIMIT = 256  # vocab_size of the tiny LLM config
+FORMAT_VERSION = 1  # bump when the output changes for the same arguments; invalidates meta.json caches
+
+
+def _draw_shape(draw, shape, cx, cy, r, fill):
+    """Draw a filled shape of radius ``r`` centred at (cx, cy)."""
+    if shape == 'circle':
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == 'square':
+        s = 0.85 * r  # roughly the circle's area
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif shape == 'triangle':
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    elif shape == 'cross':
+        t = 0.35 * r
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
+    else:
+        raise ValueError(f'unknown shape {shape!r}, expected one of {SHAPES}')
+
+
+def _detail_cell_origin(corner, size):
+    """Top-left pixel of the fine-detail cell; aligned to the 64-px grid (multiple of size // 64)."""
+    f, margin = size // 64, size // 16
+    x0 = margin if corner.endswith('left') else size - margin - f
+    y0 = margin if corner.startswith('top') else size - margin - f
+    return x0, y0
+
+
+def _detail_cell(dot, others, shift, size):
+    """Pixels of the fine-detail cell: {(dx, dy): colour name}.
+
+    The cell is f x f px (f = size // 64, one 64-px pixel). Quarter 0 (top-left) is the solid dot. Each
+    pixel of quarter 0 has three mirror images in the other quarters; the four together hold every
+    dot colour once, so each symmetric-filter weight class sees the same colours for every answer.
+    """
+    f = size // 64
+    h = f // 2
+    cell = {}
+    for p, (dy, dx) in enumerate((dy, dx) for dy in range(h) for dx in range(h)):
+        mirrors = ((dx, dy), (f - 1 - dx, dy), (dx, f - 1 - dy), (f - 1 - dx, f - 1 - dy))
+        cell[mirrors[0]] = dot
+        for k, xy in enumerate(mirrors[1:]):
+            # cyclic shift varying with p keeps the other quarters mixed, never solid
+            cell[xy] = others[(k + p + shift) % 3]
+    return cell
+
+
+def _sample_params(rng, category, answer, size):
+    """Draw everything the renderer needs for one sample; ``answer`` fixes the asked attribute."""
+    base = rng.randint(226, 246)
+    params = dict(background=tuple(base + rng.randint(-6, 6) for _ in range(3)),
+                  colour=rng.choice(tuple(COLOURS)), shape=rng.choice(SHAPES), category=category)
+    if category == 'count':
+        slots = rng.sample([(i, j) for i in range(4) for j in range(4)], COUNTS.index(answer) + 1)
+        # one copy per cell of a 4x4 grid (cell 0.25): radius 0.075 + jitter 0.04 < 0.125, no overlap/clipping
+        params['items'] = [((i + 0.5 + rng.uniform(-0.16, 0.16)) * size / 4,
+                            (j + 0.5 + rng.uniform(-0.16, 0.16)) * size / 4, 0.075 * size) for i, j in slots]
+        return params
+    if category == 'position':
+        along, across = rng.uniform(0.16, 0.26), rng.uniform(0.38, 0.62)
+        cx, cy = dict(left=(along, across), right=(1 - along, across),
+                      top=(across, along), bottom=(across, 1 - along))[answer]
+        params['items'] = [(cx * size, cy * size, 0.13 * size)]
+        return params
+    params[category] = answer  # colour / shape / fine_detail's dot colour
+    max_r = 0.24 if category == 'fine_detail' else 0.28  # keep clear of the detail's corner
+    params['items'] = [(rng.uniform(0.42, 0.58) * size, rng.uniform(0.42, 0.58) * size,
+                        rng.uniform(0.18, max_r) * size)]
+    if category == 'fine_detail':
+        others = [c for c in DOT_COLOURS if c != answer]
+        rng.shuffle(others)
+        params.update(corner=rng.choice(CORNERS), others=others, shift=rng.randrange(3))
+        params['colour'] = rng.choice([c for c in COLOURS if c not in DOT_COLOURS])  # dot stays unique
+    return params
+
+
+def _render(params, size):
+    """Render one sample's image from its parameters."""
+    img = Image.new('RGB', (size, size), params['background'])
+    draw = ImageDraw.Draw(img)
+    for cx, cy, r in params['items']:
+        _draw_shape(draw, params['shape'], cx, cy, r, COLOURS[params['colour']])
+    if params['category'] == 'fine_detail':
+        f = size // 64
+        x0, y0 = _detail_cell_origin(params['corner'], size)
+        # frame one 64-px cell away on every side: marks the spot, identical for every answer
+        draw.rectangle((x0 - f, y0 - f, x0 + 2 * f - 1, y0 + 2 * f - 1), outline=(60, 60, 60))
+        for (dx, dy), name in _detail_cell(params['fine_detail'], params['others'], params['shift'],
+                                           size).items():
+            img.putpixel((x0 + dx, y0 + dy), COLOURS[name])
+    return img
+
+
+def _plan_split(rng, num):
+    """Balanced (category, answer, question) triples in shuffled order.
+
+    Within a category the answers cycle, and the question variant changes once per full cycle, so
+    answer counts differ by at most one and every question sees every answer equally often.
+    """
+    counts = [int(share * num) for share in CATEGORY_SHARES]
+    for i in range(num - sum(counts)):  # rounding remainder goes to the first categories
+        counts[i % len(counts)] += 1
+    plan = []
+    for category, n in zip(CATEGORIES, counts):
+        answers, questions = ANSWERS[category], QUESTIONS[category]
+        plan += [(category, answers[i % len(answers)], questions[(i // len(answers)) % len(questions)])
+                 for i in range(n)]
+    rng.shuffle(plan)
+    return plan
+
+
+def _write_split(out_dir, split, num, size, seed):
+    """Render and save one split; returns the path of its JSON file."""
+    rng = random.Random(f'mllm-synthetic-{seed}-{split}')  # own RNG: global random state untouched
+    img_dir = osp.join(out_dir, 'images', split)
+    os.makedirs(img_dir, exist_ok=True)
+    samples = []
+    for i, (category, answer, question) in enumerate(_plan_split(rng, num)):
+        params = _sample_params(rng, category, answer, size)
+        _render(params, size).save(osp.join(img_dir, f'{i:06d}.png'), compress_level=1)
+        samples.append(dict(id=f'{split}_{i:06d}', image=f'{split}/{i:06d}.png', conversations=[
+            {'from': 'human', 'value': f'<image>\n{question}'}, {'from': 'gpt', 'value': answer}],
+            category=category))
+    path = osp.join(out_dir, f'{split}.json')
+    with open(path, 'w') as f:
+        json.dump(samples, f, indent=1)
+    return path
+
+
+def build_tokenizer(words_or_texts):
+    """Word-level fast tokenizer whose vocab is the words of ``words_or_texts`` plus the chat template.
+
+    Args:
+        words_or_texts: iterable of words or whole texts; texts are split like the tokenizer splits them
+            (runs of word characters, runs of punctuation). The vicuna_v1 template words and the digits
+            0-9 are always added.
+
+    Returns:
+        transformers.PreTrainedTokenizerFast with ``<unk>``=0, ``<s>``=1 (prepended, as Llama does),
+        ``</s>``=2, ``<pad>``=3 and ``<image>``=4 as single-id special tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    texts = list(words_or_texts) + list(CHAT_TEXTS) + list(string.digits)
+    words = sorted({w for text in texts for w, _ in pre.pre_tokenize_str(text)} - set(SPECIAL_TOKENS))
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + words)}
+    assert len(vocab) < VOCAB_LIMIT, f'vocab has {len(vocab)} tokens, the tiny LLM allows {VOCAB_LIMIT}'
+    tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece(cleanup=True)  # joins words with spaces, glues "?" "," "'s" back on
+    tok.post_processor = processors.TemplateProcessing(
+        single='<s> $A', pair='<s> $A <s> $B', special_tokens=[('<s>', vocab['<s>'])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token='<s>', eos_token='</s>', unk_token='<unk>', pad_token='<pad>',
+        additional_special_tokens=['<image>'], model_max_length=2048, padding_side='right')
+
+
+def answer_matches(prediction, answer):
+    """Normalised exact match: case, punctuation and surrounding/repeated whitespace are ignored."""
+    def norm(text):
+        text = re.sub(f'[{re.escape(string.punctuation)}]', ' ', text.lower())
+        return ' '.join(text.split())
+    return norm(prediction) == norm(answer)
+
+
+def _is_complete(out_dir, meta):
+    try:
+        with open(osp.join(out_dir, 'meta.json')) as f:
+            if json.load(f) != meta:
+                return False
+    except (OSError, ValueError):
+        return False
+    needed = ['train.json', 'val.json', osp.join('tokenizer', 'tokenizer.json')]
+    needed += [osp.join('images', split, f'{meta[f"num_{split}"] - 1:06d}.png')
+               for split in ('train', 'val') if meta[f'num_{split}']]
+    return all(osp.exists(osp.join(out_dir, p)) for p in needed)
+
+
+def generate_synthetic_vqa(out_dir, num_train=4000, num_val=500, image_size=256, seed=0, overwrite=False):
+    """Write the synthetic set to ``out_dir`` (cached: returns at once if already generated alike).
+
+    Layout: ``train.json``, ``val.json``, ``images/{train,val}/NNNNNN.png`` (image paths in the JSON are
+    relative to ``images/``), ``tokenizer/`` (load with ``AutoTokenizer.from_pretrained``) and ``meta.json``
+    (the arguments; written last, so its presence marks a complete set). Same arguments, same bytes.
+
+    Args:
+        out_dir: output folder, created if missing.
+        num_train: training samples. Defaults to 4000.
+        num_val: validation samples. Defaults to 500.
+        image_size: side in px; a multiple of 128 so the fine detail fits one 64-px cell. Defaults to 256.
+        seed: generation seed. Defaults to 0.
+        overwrite: regenerate even if a matching set exists. Defaults to False.
+
+    Returns:
+        dict(train=, val=, image_folder=, tokenizer=) paths.
+    """
+    if image_size % 128:
+        raise ValueError(f'image_size must be a multiple of 128 (fine detail = one 64-px cell '
+                         f'split in quarters), got {image_size}')
+    paths = dict(train=osp.join(out_dir, 'train.json'), val=osp.join(out_dir, 'val.json'),
+                 image_folder=osp.join(out_dir, 'images'), tokenizer=osp.join(out_dir, 'tokenizer'))
+    meta = dict(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
+                version=FORMAT_VERSION)
+    if not overwrite and _is_complete(out_dir, meta):
+        return paths
+    os.makedirs(out_dir, exist_ok=True)
+    # remove only what this function writes; meta.json first so a crash leaves an incomplete set
+    for name in ('meta.json', 'train.json', 'val.json'):
+        if osp.exists(osp.join(out_dir, name)):
+            os.remove(osp.join(out_dir, name))
+    for name in (paths['image_folder'], paths['tokenizer']):
+        shutil.rmtree(name, ignore_errors=True)
+    _write_split(out_dir, 'train', num_train, image_size, seed)
+    _write_split(out_dir, 'val', num_val, image_size, seed)
+    texts = [q for qs in QUESTIONS.values() for q in qs] + [a for ans in ANSWERS.values() for a in ans]
+    build_tokenizer(texts).save_pretrained(paths['tokenizer'])
+    with open(osp.join(out_dir, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+    return paths

@@ -1,0 +1,1 @@
+"""Runner glue: config loading, compat patches, hooks, loops, model wrappers."""

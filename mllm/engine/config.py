@@ -1,0 +1,86 @@
+"""Loading configs: ``_base_`` inheritance, ``--cfg-options`` and late binding.
+
+A recipe names its LLM and vision tower through top-level keys owned by ``_base_``
+primitives (``llm``, ``tokenizer``, ``template`` from ``_base_/llms``; ``vision_encoder``,
+``image_processor`` from ``_base_/vision``). They are bound into ``model`` and the datasets
+here, after overrides, so a backbone swap is a two-line file that lists another LLM base
+(MMEngine forbids two bases defining one key, which rules out putting ``model.llm`` in
+the LLM base) and ``--cfg-options llm.pretrained=...`` reaches the built model.
+"""
+import os
+from typing import Optional, Sequence
+
+from mmengine.config import Config, DictAction  # noqa: F401  (DictAction re-exported for the CLI)
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_ROOT = os.path.join(PACKAGE_ROOT, 'configs')
+
+# (top-level key, where it is bound) pairs; a value already set at the target wins.
+MODEL_BINDINGS = ('llm', 'vision_encoder')
+DATASET_BINDINGS = ('tokenizer', 'template', 'image_processor')
+DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+
+
+def find_config(name: str) -> str:
+    """A config path, or the file of that name (with or without .py) under ``configs/``."""
+    if os.path.isfile(name):
+        return name
+    stem = os.path.basename(name)
+    stem = stem if stem.endswith('.py') else stem + '.py'
+    for root, _, files in os.walk(CONFIG_ROOT):
+        if stem in files and '_base_' not in root.split(os.sep):
+            return os.path.join(root, stem)
+    raise FileNotFoundError(f'config not found: {name} (neither a file nor a name under {CONFIG_ROOT}; '
+                            'see `mllm list-cfg`)')
+
+
+def _bind_dataset(dataset, cfg: Config) -> None:
+    if dataset is None:
+        return
+    if dataset.get('type') == 'ConcatDataset':
+        for sub in dataset.get('datasets', []):
+            _bind_dataset(sub, cfg)
+        return
+    for key in DATASET_BINDINGS:
+        if key in cfg and dataset.get(key) is None:
+            dataset[key] = cfg[key]
+
+
+def bind_components(cfg: Config) -> Config:
+    """Fill ``model`` and datasets from the top-level component keys (see module doc)."""
+    model = cfg.get('model')
+    if model is not None:
+        for key in MODEL_BINDINGS:
+            if key in cfg and model.get(key) is None:
+                model[key] = cfg[key]
+    for name in DATALOADERS:
+        loader = cfg.get(name)
+        if not loader:
+            continue
+        _bind_dataset(loader.get('dataset'), cfg)
+        sampler = loader.get('sampler') or {}
+        if sampler.get('type') == 'LengthGroupedSampler':
+            # LLaVA groups lengths within a whole optimiser step, not one micro-batch.
+            accumulate = cfg.get('optim_wrapper', {}).get('accumulative_counts', 1)
+            sampler.setdefault('per_device_batch_size', loader['batch_size'] * accumulate)
+    return cfg
+
+
+def check_override_keys(cfg: Config, options: Optional[dict]) -> None:
+    """Reject ``--cfg-options`` whose top-level key the config does not have (typos)."""
+    for key in options or {}:
+        top = key.split('.')[0]
+        if top not in cfg:
+            raise KeyError(f'--cfg-options {key}: the config has no top-level key {top!r} '
+                           f'(known: {", ".join(sorted(cfg.keys()))})')
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None,
+                allow_new_keys: Sequence[str] = ()) -> Config:
+    """Read a config, apply overrides, bind components."""
+    cfg = Config.fromfile(find_config(path))
+    if cfg_options:
+        check_override_keys(cfg, {k: v for k, v in cfg_options.items()
+                                  if k.split('.')[0] not in allow_new_keys})
+        cfg.merge_from_dict(cfg_options)
+    return bind_components(cfg)

@@ -1,0 +1,66 @@
+"""Compatibility patches for MMEngine/XTuner on CPU and recent PyTorch.
+
+Each patch is one function, applied by ``apply_all`` before a runner is built, and names
+the upstream behaviour it works around. None of them changes behaviour on a setup where
+upstream already works.
+"""
+import logging
+import pickle
+
+import torch
+from mmengine.logging import print_log
+
+
+def patch_checkpoint_loading() -> None:
+    """mmengine 0.10.6 calls ``torch.load`` without ``weights_only``; torch >= 2.6 then
+    defaults to ``weights_only=True`` and refuses mmengine's own checkpoints (they hold a
+    MessageHub, numpy RNG state, ConfigDict). Load with ``weights_only=True`` first and
+    fall back, with a log line, for checkpoints written by this toolkit or MMEngine."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    def load_from_local(filename, map_location):
+        try:
+            return torch.load(filename, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            print_log(f'{filename} holds non-tensor objects (runner state); loading it with '
+                      'weights_only=False — only load checkpoints you trust',
+                      logger='current', level=logging.INFO)
+            return torch.load(filename, map_location=map_location, weights_only=False)
+
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_from_local)
+
+
+def cpu_optim_wrapper(cfg) -> None:
+    """``AmpOptimWrapper`` asserts CUDA; on a CPU-only machine train in fp32 with the
+    plain ``OptimWrapper`` (same optimizer, clipping and accumulation)."""
+    optim = cfg.get('optim_wrapper')
+    if torch.cuda.is_available() or not optim or optim.get('type') != 'AmpOptimWrapper':
+        return
+    optim['type'] = 'OptimWrapper'
+    for key in ('dtype', 'loss_scale'):
+        optim.pop(key, None)
+    print_log('no CUDA device: AmpOptimWrapper -> OptimWrapper (fp32)', logger='current',
+              level=logging.WARNING)
+
+
+def cpu_distributed(cfg, launcher: str) -> None:
+    """mmengine's ``init_dist`` calls ``torch.cuda.set_device`` unconditionally and its DDP
+    wrapper passes ``device_ids=[LOCAL_RANK]``; both fail without CUDA. On CPU, start the
+    gloo process group here (mmengine then skips ``init_dist``) and use a DDP wrapper
+    that leaves ``device_ids`` unset."""
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    if cfg.get('strategy') is None:  # DeepSpeed wraps the model itself
+        wrapper = cfg.get('model_wrapper_cfg') or {}
+        wrapper.setdefault('type', 'CPUCompatibleDDP')
+        cfg['model_wrapper_cfg'] = wrapper
+
+
+def apply_all(cfg, launcher: str = 'none') -> None:
+    patch_checkpoint_loading()
+    cpu_optim_wrapper(cfg)
+    cpu_distributed(cfg, launcher)

@@ -1,0 +1,117 @@
+"""LLaVA-style composition: vision encoder -> projector -> LLM.
+
+The dataset expands every ``<image>`` into as many ``IMAGE_TOKEN_INDEX`` sentinels as the
+encoder yields tokens, so sequence lengths never change inside the model: the merge is a
+mask plus ``masked_scatter``.
+"""
+from typing import Dict, Optional, Sequence
+
+import torch
+from mmengine.model import BaseModel
+
+from mllm.datasets.templates import IMAGE_TOKEN_INDEX
+from mllm.models.lora import apply_lora
+from mllm.registry import MODELS
+
+
+def set_trainable(model: torch.nn.Module, trainable: Sequence[str]) -> None:
+    """Freeze every parameter except those under the ``trainable`` name prefixes.
+
+    LoRA adapter weights stay trainable whenever adapters exist.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in trainable:
+        if not any(n == prefix or n.startswith(prefix + '.') for n in names):
+            raise ValueError(f'trainable entry {prefix!r} matches no parameter; top-level parts '
+                             f'are {sorted({n.split(".")[0] for n in names})}')
+    for name, param in model.named_parameters():
+        param.requires_grad = ('lora_' in name or
+                               any(name == p or name.startswith(p + '.') for p in trainable))
+
+
+@MODELS.register_module()
+class LLaVAModel(BaseModel):
+    """Vision encoder + projector + causal LLM.
+
+    Args:
+        llm: LLM config (``HFCausalLM``); recipes get it from the top-level ``llm`` key.
+        vision_encoder: encoder config; recipes get it from the top-level ``vision_encoder``.
+        projector: projector config; ``in_channels``/``out_channels`` are filled in.
+            Defaults to ``mlp2x_gelu``.
+        trainable: parameter-name prefixes that train, e.g. ``('projector',)`` for
+            pretraining or ``('projector', 'llm')`` for finetuning. Everything else is frozen.
+        lora: peft LoRA options for the LLM (see ``mllm.models.lora``). Defaults to None.
+        gradient_checkpointing: recompute activations of the LLM and the vision encoder.
+    """
+
+    def __init__(self,
+                 llm: dict,
+                 vision_encoder: dict,
+                 projector: dict = dict(type='MLPProjector', depth=2),
+                 trainable: Sequence[str] = ('projector',),
+                 lora: Optional[dict] = None,
+                 gradient_checkpointing: bool = False,
+                 data_preprocessor: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self.vision_encoder = MODELS.build(vision_encoder)
+        self.llm = apply_lora(MODELS.build(llm), lora)
+        self.projector = MODELS.build(projector, default_args=dict(
+            in_channels=self.vision_encoder.out_channels,
+            out_channels=self.llm.config.hidden_size))
+        set_trainable(self, trainable)
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad, so frozen
+            # embeddings (pretraining, LoRA) need no enable_input_require_grads hack.
+            self.llm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={'use_reentrant': False})
+            self.vision_encoder.set_grad_checkpointing(True)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B_img, 3, H, W) -> (B_img, N, C_llm)."""
+        return self.projector(self.vision_encoder(pixel_values))
+
+    def embed_inputs(self, input_ids: torch.Tensor,
+                     pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings with visual features scattered into the image-sentinel slots."""
+        image_mask = input_ids == IMAGE_TOKEN_INDEX  # (B, T)
+        embed = self.llm.get_input_embeddings()
+        inputs_embeds = embed(input_ids.masked_fill(image_mask, 0))  # (B, T, C)
+        num_slots = int(image_mask.sum())
+        if pixel_values is None or len(pixel_values) == 0:
+            if num_slots:
+                raise ValueError(f'the batch has {num_slots} image-token slots but no images')
+            return inputs_embeds
+        feats = self.encode_images(pixel_values)  # (B_img, N, C)
+        if feats.shape[0] * feats.shape[1] != num_slots:
+            raise ValueError(
+                f'image features do not match the image tokens in the text: {feats.shape[0]} '
+                f'images x {feats.shape[1]} tokens = {feats.shape[0] * feats.shape[1]} '
+                f'features, but the text has {num_slots} image-token slots (is the image '
+                'processor sized for this vision encoder?)')
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1),
+                                            feats.to(inputs_embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None, mode: str = 'loss',
+                **unused) -> Dict[str, torch.Tensor]:
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        if mode == 'loss':
+            out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           labels=labels, use_cache=False)
+            return {'loss': out.loss}
+        if mode == 'tensor':
+            return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            use_cache=False).logits
+        raise ValueError(f"mode must be 'loss' or 'tensor' (use generate() to predict), got {mode!r}")
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 pixel_values: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
+                 **generate_kwargs) -> torch.Tensor:
+        """New token ids (B, <= max_new_tokens); batches must be left-padded."""
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        generate_kwargs.setdefault('do_sample', False)
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 max_new_tokens=max_new_tokens, **generate_kwargs)

@@ -1,0 +1,84 @@
+"""Language models and tokenizers from Hugging Face folders or architecture dicts."""
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from mllm.models.hf_utils import from_pretrained_locally
+from mllm.registry import MODELS
+
+_DTYPES = {'auto': 'auto', 'float32': torch.float32, 'bfloat16': torch.bfloat16,
+           'float16': torch.float16}
+
+
+def _quantization_config(quantization: Optional[str]):
+    if quantization is None:
+        return None
+    if quantization not in ('4bit', '8bit'):
+        raise ValueError(f"llm.quantization must be None, '4bit' or '8bit', got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f'QLoRA ({quantization} bitsandbytes quantization) needs a CUDA GPU; '
+                           'set llm.quantization=None to train LoRA on this machine')
+    if quantization == '8bit':
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+@MODELS.register_module()
+def HFCausalLM(pretrained: Optional[str] = None,
+               config: Optional[dict] = None,
+               load_weights: bool = True,
+               torch_dtype: str = 'float32',
+               attn_implementation: Optional[str] = None,
+               quantization: Optional[str] = None,
+               trust_remote_code: bool = False):
+    """A causal LM: ``pretrained`` weights, or random init from ``config``.
+
+    Args:
+        pretrained: HF id or local folder. Loaded from local files only.
+        config: architecture fields incl. ``model_type`` (REFERENCE.md §2 values for the
+            shipped backbones). Used for random init and for the meta-device inspector.
+        load_weights: False builds from ``config`` (or the folder's config) without weights.
+        torch_dtype: dtype of the loaded weights. Defaults to 'float32'.
+        attn_implementation: 'eager', 'sdpa' or 'flash_attention_2'; None lets HF choose.
+        quantization: None, '4bit' or '8bit' (QLoRA; CUDA only).
+        trust_remote_code: run code shipped with the checkpoint; off unless asked for.
+    """
+    if torch_dtype not in _DTYPES:
+        raise ValueError(f'llm.torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}')
+    extra = {} if attn_implementation is None else {'attn_implementation': attn_implementation}
+    if pretrained is not None and load_weights:
+        return from_pretrained_locally(
+            AutoModelForCausalLM, pretrained, 'LLM', torch_dtype=_DTYPES[torch_dtype],
+            quantization_config=_quantization_config(quantization),
+            trust_remote_code=trust_remote_code, **extra)
+    if config is not None:
+        config = dict(config)
+        hf_config = AutoConfig.for_model(config.pop('model_type'), **config)
+    elif pretrained is not None:
+        hf_config = AutoConfig.from_pretrained(pretrained, local_files_only=True,
+                                               trust_remote_code=trust_remote_code)
+    else:
+        raise ValueError('the LLM config needs `pretrained` or `config`')
+    dtype = _DTYPES[torch_dtype]
+    return AutoModelForCausalLM.from_config(
+        hf_config, torch_dtype=torch.float32 if dtype == 'auto' else dtype,
+        trust_remote_code=trust_remote_code, **extra)
+
+
+def build_tokenizer(cfg):
+    """Tokenizer from ``dict(pretrained=..., **kwargs)`` (local files only) or an instance."""
+    if not isinstance(cfg, dict) and not hasattr(cfg, 'items'):
+        return cfg  # already a tokenizer
+    cfg = dict(cfg)
+    cfg.pop('type', None)
+    pretrained = cfg.pop('pretrained')
+    cfg.setdefault('trust_remote_code', False)
+    tokenizer = from_pretrained_locally(AutoTokenizer, pretrained, 'tokenizer', **cfg)
+    if tokenizer.pad_token_id is None:
+        # Many LLaMA-family tokenizers ship without a pad token; padded positions are
+        # masked out of attention and loss, so any id works and unk/eos is conventional.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer

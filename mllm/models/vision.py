@@ -1,0 +1,78 @@
+"""Vision encoders: images (B, 3, H, W) -> visual tokens (B, N, C).
+
+Every encoder exposes ``out_channels`` and ``num_visual_tokens(image_size)`` so that
+the composed model can size its projector and ``mllm inspect`` can count tokens
+without running a forward pass.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from mllm.models.hf_utils import from_pretrained_locally
+from mllm.registry import MODELS
+
+
+@MODELS.register_module()
+class CLIPVisionEncoder(nn.Module):
+    """CLIP ViT image tower (LLaVA's encoder): patch features from one hidden layer.
+
+    Args:
+        pretrained: HF id or local folder of a CLIP (vision) checkpoint. Defaults to None.
+        config: ``CLIPVisionConfig`` fields; used when ``pretrained`` is None or
+            ``load_weights`` is False (random init, or the meta device in ``mllm inspect``).
+        load_weights: load ``pretrained`` weights. Defaults to True.
+        select_layer: hidden layer whose output is used; -2 is LLaVA's penultimate layer.
+        select_feature: 'patch' drops the CLS token, 'cls_patch' keeps it.
+    """
+
+    def __init__(self,
+                 pretrained: Optional[str] = None,
+                 config: Optional[dict] = None,
+                 load_weights: bool = True,
+                 select_layer: int = -2,
+                 select_feature: str = 'patch'):
+        super().__init__()
+        if select_feature not in ('patch', 'cls_patch'):
+            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
+        if pretrained is not None and load_weights:
+            self.model = from_pretrained_locally(CLIPVisionModel, pretrained, 'vision encoder')
+        elif config is not None:
+            self.model = CLIPVisionModel(CLIPVisionConfig(**config))
+        elif pretrained is not None:
+            self.model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(pretrained))
+        else:
+            raise ValueError('CLIPVisionEncoder needs `pretrained` or `config`')
+        num_layers = self.model.config.num_hidden_layers
+        if not -num_layers - 1 <= select_layer <= num_layers:
+            raise ValueError(f'select_layer={select_layer} is out of range for {num_layers} layers')
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+
+    @property
+    def out_channels(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.patch_size
+
+    def num_visual_tokens(self, image_size: Tuple[int, int]) -> int:
+        """Tokens for an input tensor of ``image_size`` = (W, H) pixels."""
+        w, h = image_size
+        n = (w // self.patch_size) * (h // self.patch_size)
+        return n + 1 if self.select_feature == 'cls_patch' else n
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={'use_reentrant': False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        out = self.model(pixel_values.to(dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]  # (B, 1 + N, C)
+        return feats[:, 1:] if self.select_feature == 'patch' else feats
