@@ -6,12 +6,13 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoTokenizer
 
 from mllm.datasets import synthetic
-from mllm.datasets.synthetic import (ANSWERS, CATEGORIES, COLOURS, DOT_COLOURS, answer_matches,
-                                     generate_synthetic_vqa)
+from mllm.datasets.synthetic import ANSWERS, CATEGORIES, PATTERNS, answer_matches, generate_synthetic_vqa
 
 SMALL = dict(num_train=300, num_val=40, image_size=256)
 
@@ -135,60 +136,74 @@ def test_answer_matches():
     assert not answer_matches('blue', 'red')
 
 
-def _saturation(arr, corner):
-    x0, y0 = synthetic._detail_cell_origin(corner, arr.shape[0])
-    return np.ptp(arr[y0, x0])  # the dot is saturated, the background grey
+def _read_pattern(arr, size=256):
+    """Tiny hand-written reader of the fine-detail patch at full resolution.
+
+    Scores pixel-to-pixel sign alternation (consecutive differences of opposite sign) along y and along x
+    inside the four corner windows where the patch can be; the main shape never reaches them and the frame
+    is 2 px wide, so only the patch alternates.
+    """
+    grey = arr.astype(float).mean(2)
+    w = size * 11 // 64  # patch + frame reach at most margin + 2 jitter cells + patch = 40 px < 44 px
+    windows = [grey[ys, xs] for ys in (slice(0, w), slice(size - w, size))
+               for xs in (slice(0, w), slice(size - w, size))]
+
+    def alternation(a):
+        d = np.diff(a, axis=0)
+        return np.maximum(0, -d[:-1] * d[1:]).sum()
+
+    ry = sum(alternation(win) for win in windows)
+    rx = sum(alternation(win.T) for win in windows)
+    threshold = 1000  # a patch scores > 1e5, everything else 0
+    return {(True, False): 'rows', (False, True): 'columns', (True, True): 'checks',
+            (False, False): 'plain'}[(ry > threshold, rx > threshold)]
 
 
-def _dot_features(path, corner, size):
-    """(mean colour of the dot pixels at full res, the detail's 64-px pixel after area / bicubic resize)."""
-    f = size // 64
-    x0, y0 = synthetic._detail_cell_origin(corner, size)
-    with Image.open(path) as im:
-        full = np.asarray(im, dtype=float)[y0:y0 + f // 2, x0:x0 + f // 2].reshape(-1, 3).mean(0)
-        area = np.asarray(im.reduce(f), dtype=float)[y0 // f, x0 // f]
-        bicubic = np.asarray(im.resize((64, 64), Image.BICUBIC), dtype=float)[y0 // f, x0 // f]
-    return full, area, bicubic
-
-
-def _nearest(palette, x):
-    return DOT_COLOURS[int(np.argmin(((palette - x) ** 2).sum(1)))]
-
-
-def test_fine_detail_legible_at_full_res_not_at_64px(small_set):
+def test_fine_detail_legible_at_full_res(small_set):
     _, paths, train = small_set
-    rows, answers = [], []
+    answers, reads = [], []
     for s in (s for s in train if s['category'] == 'fine_detail'):
-        path = osp.join(paths['image_folder'], s['image'])
-        with Image.open(path) as im:
-            arr = np.asarray(im, dtype=float)
-        corner = max(synthetic.CORNERS, key=lambda c: _saturation(arr, c))  # the corner is not stored
-        rows.append(_dot_features(path, corner, 256))
+        with Image.open(osp.join(paths['image_folder'], s['image'])) as im:
+            reads.append(_read_pattern(np.asarray(im)))
         answers.append(_qa(s)[1])
-    full, area, bicubic = (np.stack(x) for x in zip(*rows))
-    palette = np.array([COLOURS[c] for c in DOT_COLOURS], dtype=float)
-
-    def accuracy(feats, refs):
-        return np.mean([_nearest(refs, x) == a for x, a in zip(feats, answers)])
-
-    assert accuracy(full, palette) == 1.0  # full resolution: nearest palette colour reads the dot
-    assert accuracy(bicubic, palette) < 0.35  # 64 px: the dot is mixed away (chance 0.25)
-    # area-downsampled: even class centroids fitted on the scored samples do no better than chance,
-    # because the 64-px pixel is identical for every answer
-    centroids = np.stack([area[[a == c for a in answers]].mean(0) for c in DOT_COLOURS])
-    assert accuracy(area, centroids) < 0.35
-    assert np.ptp(area, axis=0).max() == 0
+    assert len(answers) >= 30 and set(answers) == set(PATTERNS)
+    assert np.mean([r == a for r, a in zip(reads, answers)]) == 1.0
 
 
-def test_fine_detail_64px_image_independent_of_answer():
-    size, rng = 256, random.Random(0)
-    params = synthetic._sample_params(rng, 'fine_detail', 'red', size)
-    images = []
-    for dot in DOT_COLOURS:
-        others = [c for c in DOT_COLOURS if c != dot]
-        images.append(synthetic._render(dict(params, fine_detail=dot, others=others), size))
-    assert len({im.tobytes() for im in images}) == 4  # different at full resolution
-    assert len({im.reduce(4).tobytes() for im in images}) == 1  # identical at 64 px (area)
+def test_fine_detail_scene_independent_of_answer():
+    """Nothing but the pattern depends on the answer: same RNG state, same scene parameters."""
+    for seed in range(20):
+        scenes = [synthetic._sample_params(random.Random(seed), 'fine_detail', a, 256) for a in PATTERNS]
+        assert [sc.pop('fine_detail') for sc in scenes] == list(PATTERNS)
+        assert all(sc == scenes[0] for sc in scenes)
+
+
+def _pil(filt):
+    return lambda im: np.asarray(im.resize((64, 64), filt), dtype=int)
+
+
+def _torch_area(im):
+    t = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)[None]
+    return F.interpolate(t, size=(64, 64), mode='area')[0].permute(1, 2, 0).round().numpy().astype(int)
+
+
+@pytest.mark.parametrize('name,downsample', [pytest.param(n, d, id=n) for n, d in (
+    ('pil_bicubic', _pil(Image.BICUBIC)),  # what LLaVAImageProcessor uses
+    ('pil_bilinear', _pil(Image.BILINEAR)), ('pil_lanczos', _pil(Image.LANCZOS)),
+    ('pil_hamming', _pil(Image.HAMMING)), ('pil_box', _pil(Image.BOX)), ('torch_area', _torch_area))])
+def test_fine_detail_invisible_at_64px(name, downsample):
+    """The same scene with each answer: different at 256 px, the same 64-px image (within 2/255)."""
+    rng = random.Random(0)
+    for _ in range(12):
+        params = synthetic._sample_params(rng, 'fine_detail', PATTERNS[0], 256)
+        images = [synthetic._render(dict(params, fine_detail=a), 256) for a in PATTERNS]
+        assert len({im.tobytes() for im in images}) == len(PATTERNS)
+        assert [_read_pattern(np.asarray(im)) for im in images] == list(PATTERNS)
+        small = [downsample(im) for im in images]
+        diff = max(np.abs(x - small[0]).max() for x in small[1:])
+        assert diff <= 2, (name, params, diff)
+        if name in ('pil_box', 'torch_area'):  # exact: every 4x4 block has the same mean
+            assert diff == 0
 
 
 def test_cache_via_meta(tmp_path):
@@ -211,5 +226,6 @@ def test_cache_via_meta(tmp_path):
 
 
 def test_rejects_bad_image_size(tmp_path):
-    with pytest.raises(ValueError, match='multiple of 128'):
-        generate_synthetic_vqa(str(tmp_path), image_size=200)
+    for size in (200, 128):  # 128 px: 2 px per 64-px cell, too few for the fine detail to vanish
+        with pytest.raises(ValueError, match='multiple of 256'):
+            generate_synthetic_vqa(str(tmp_path), image_size=size)

@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     command_parser = argparse.ArgumentParser(prog=f'mllm {argv[0]}',
                                              description=COMMANDS[argv[0]][1])
     module.add_arguments(command_parser)
-    args = command_parser.parse_args(argv[1:])
+    try:
+        args = command_parser.parse_args(argv[1:])
+    except SystemExit as exit_:  # usage errors (2) and --help (0) return, not raise
+        return exit_.code
     try:
         return module.run(args) or 0
     except KeyboardInterrupt:

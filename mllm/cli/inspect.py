@@ -1,5 +1,6 @@
 """``mllm inspect CONFIG``: build the model on the meta device (no weights, seconds even for
 34B) and report parameters per component, trainable parameters and visual tokens."""
+import argparse
 import json
 
 import torch
@@ -13,9 +14,9 @@ def parse_size(text: str):
     try:
         w, h = (int(v) for v in text.lower().split('x'))
     except ValueError:
-        raise ValueError(f'--image-size must look like 1536x768 (W x H), got {text!r}') from None
+        raise argparse.ArgumentTypeError(f'must look like 1536x768 (W x H), got {text!r}') from None
     if w <= 0 or h <= 0:
-        raise ValueError(f'--image-size must be positive, got {text!r}')
+        raise argparse.ArgumentTypeError(f'must be positive, got {text!r}')
     return w, h
 
 
@@ -45,9 +46,13 @@ def inspect_config(cfg, image_size=None) -> dict:
         model = MODELS.build(model_cfg)
     params = {}
     for name, child in model.named_children():
-        count = sum(p.numel() for p in child.parameters())
-        if count:
-            params[COMPONENT_NAMES.get(name, name)] = count
+        # LoRA adapters are their own component so `llm` stays the published size
+        counts = {}
+        for pname, p in child.named_parameters():
+            part = 'lora' if 'lora_' in pname else COMPONENT_NAMES.get(name, name)
+            counts[part] = counts.get(part, 0) + p.numel()
+        for part, count in counts.items():
+            params[part] = params.get(part, 0) + count
     params['total'] = sum(p.numel() for p in model.parameters())
     processor = TRANSFORMS.build(cfg.image_processor)
     image_size = image_size or (processor.size, processor.size)

@@ -42,6 +42,9 @@ def run(args) -> int:
 
     config = find_config(args.config)
     cfg = load_config(config, args.cfg_options)
+    required = cfg.get('load_from_required')
+    if required and not (args.load_from or cfg.get('load_from') or args.resume):
+        raise ValueError(f'{config} starts from {required}: pass --load-from PATH')
     work_dir = args.work_dir or cfg.get('work_dir') or os.path.join(
         'work_dirs', os.path.splitext(os.path.basename(config))[0])
     runner = build_runner(cfg, work_dir=work_dir, launcher=args.launcher, resume=args.resume,

@@ -65,7 +65,9 @@ def sample_problem(sample) -> Optional[str]:
         if turn.get('from') not in ROLES:
             return f"turn {i} has unknown role {turn.get('from')!r} (expected human or gpt)"
     image = sample.get('image')
-    num_placeholders = sum(t['value'].count(IMAGE_TOKEN) for t in conversations)
+    # templates expand <image> in human turns only; in an answer it is plain text
+    num_placeholders = sum(t['value'].count(IMAGE_TOKEN) for t in conversations
+                           if t['from'] in ('human', 'user'))
     if image is not None and not isinstance(image, str):
         return f"'image' must be a path string, got {type(image).__name__}"
     if image and num_placeholders != 1:
@@ -77,11 +79,12 @@ def sample_problem(sample) -> Optional[str]:
 
 
 def resolve_image_path(image_folder: Optional[str], image: str) -> str:
-    """The image's path; relative paths may not escape ``image_folder``."""
+    """The image's path; relative paths may not escape ``image_folder`` with ``..`` or an
+    absolute path. Symlinks inside the folder are followed (datasets are often linked in)."""
     if image_folder is None:
         return image
-    root = os.path.realpath(image_folder)
-    path = os.path.realpath(os.path.join(root, image))
+    root = os.path.abspath(image_folder)
+    path = os.path.abspath(os.path.join(root, image))
     if os.path.commonpath([root, path]) != root:
         raise DataError(f'image path {image!r} points outside the image folder {image_folder}')
     return path
@@ -138,7 +141,11 @@ class LLaVADataset(Dataset):
         """Cheap length estimates, negative for text-only samples (LLaVA's convention)."""
         lengths = []
         for s in self.samples:
-            words = sum(len(t['value'].split()) for t in s['conversations'])
+            if not isinstance(s, dict) or not isinstance(s.get('conversations'), list):
+                lengths.append(-1)  # malformed (strict=False); never trained on
+                continue
+            words = sum(len(str(t.get('value', '')).split()) for t in s['conversations']
+                        if isinstance(t, dict))
             if s.get('image'):
                 lengths.append(words + self.image_processor.num_visual_tokens((1, 1)))
             else:
@@ -146,7 +153,10 @@ class LLaVADataset(Dataset):
         return lengths
 
     def load_image(self, index: int) -> Image.Image:
-        path = resolve_image_path(self.image_folder, self.samples[index]['image'])
+        try:
+            path = resolve_image_path(self.image_folder, self.samples[index]['image'])
+        except DataError as err:  # name the sample, as every other data error does
+            raise DataError(f'{self.describe(index)}: {err}') from None
         try:
             with Image.open(path) as image:
                 return image.convert('RGB')

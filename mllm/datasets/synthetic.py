@@ -10,17 +10,31 @@ Categories (answers are one word each):
     shape        What shape is shown?                 circle square triangle cross          (1/4)
     position     Where is the shape?                  left right top bottom                 (1/4)
     count        How many shapes are there?           one two three four                    (1/4)
-    fine_detail  What colour is the tiny dot ...?     red green blue yellow                 (1/4)
+    fine_detail  What pattern is in the small box?    rows columns checks plain            (1/4)
 
-fine_detail is legible at full resolution, not at 64 px. The detail is one 64-px cell (4x4 px at 256 px),
-framed, in a random corner: a solid 2x2 "dot" of the answer colour in the cell's top-left quarter, the
-other quarters holding the other three dot colours, mixed. Each pixel of the dot and its three mirror
-images in the other quarters hold every dot colour once, so the cell's mean (and any weighting symmetric
-inside the cell) is the same for every answer: area / box downsampling (``Image.reduce(4)``, torch
-``mode='area'``, torch bilinear without antialias) gives a byte-identical 64-px image whatever the
-answer. Antialiased bilinear / bicubic kernels reach past the cell and leak up to ~37/255 into the
-neighbouring 64-px pixels (a linear probe on the oracle 3x3 neighbourhood decodes it), so the 64-px
-baseline should downsample by area for a clean "low resolution cannot see it" comparison.
+fine_detail is legible at full resolution, not at 64 px, whatever filter does the downsampling. A framed
+square patch (4x4 cells of 64 px, 16x16 px at 256 px) sits at a random 64-px-grid-aligned spot near a random
+corner. It is filled with mid grey g plus a zero-mean 1-px-period pattern: horizontal stripes ('rows'),
+vertical stripes ('columns'), a checkerboard ('checks') or nothing ('plain'). Along a striped axis the
+offset follows the profile p(j) = (-1)**j * (1, 3, 3, 1)[j % 4] (rows: 3 k p(y), columns: 3 k p(x), checks:
+k p(x) p(y), k = PATTERN_STEP grey levels, so all reach +-9k), i.e. every 4-px run is +1 -3 +3 -1: a third
+finite difference, with zero mean, zero first and second moment, and antisymmetric about the centre of its
+64-px cell. Hence:
+
+* box / area (``Image.reduce``, ``Image.BOX``, torch ``mode='area'``) give byte-identical 64-px images for
+  every answer, and so does torch antialiased bilinear; the float responses of PIL / torch bilinear
+  (piecewise linear kernel) are exactly equal too;
+* any other symmetric kernel sees only a third-order residue (float, at PATTERN_STEP = 7: bicubic 0.13,
+  lanczos 0.15, hamming 0.77 grey levels). Measured on uint8 output over 200 scenes x 4 answers, the 64-px
+  images differ by at most 1/255 for PIL bicubic (what ``LLaVAImageProcessor`` uses), bilinear and lanczos
+  and torch antialiased bicubic, and by at most 2/255 for PIL hamming (kernel with a kink at its edge).
+  These +-1 rounding flips are not random, though: a probe given the patch location reads the answer from
+  the bicubic 64-px pixels around it well above chance (~0.7 vs 0.25), so a "cannot see it at 64 px"
+  claim holds for what a model can plausibly learn, not information-theoretically.
+
+A plain alternating stripe (+1 -1 +1 -1) is NOT enough: its cut-off ends leak ~7% of its contrast through
+bicubic / lanczos. The price of the design is that the 2x2 means are not constant (pairs +1 -3 | +3 -1),
+so the answer is still visible at 128 px; it is removed only at factor >= 4, i.e. at 64 px from 256 px.
 """
 import json
 import os
@@ -43,24 +57,27 @@ COLOURS = {
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 POSITIONS = ('left', 'right', 'top', 'bottom')
 COUNTS = ('one', 'two', 'three', 'four')
-DOT_COLOURS = ('red', 'green', 'blue', 'yellow')  # exactly 4: _detail_cell puts one per quarter
+PATTERNS = ('rows', 'columns', 'checks', 'plain')  # fine_detail: what fills the framed patch
 CORNERS = ('top_left', 'top_right', 'bottom_left', 'bottom_right')
+PATTERN_PROFILE = (1, -3, 3, -1)  # one 4-px run of the stripe profile: a third finite difference
+PATTERN_STEP = 7  # grey levels per profile unit: stripes reach +-63, checks +-63 at their strongest
+PATCH_CELLS = 4  # patch side in 64-px cells (16 px at 256 px)
 
 ANSWERS = dict(colour=tuple(COLOURS), shape=SHAPES, position=POSITIONS, count=COUNTS,
-               fine_detail=DOT_COLOURS)
+               fine_detail=PATTERNS)
 QUESTIONS = dict(
     colour=('What colour is the shape?', 'What is the colour of the shape?'),
     shape=('What shape is shown?', 'Which shape is in the image?'),
     position=('Where is the shape?', 'On which side of the image is the shape?'),
     count=('How many shapes are there?', 'How many shapes are in the image?'),
-    fine_detail=('What colour is the tiny dot in the marked corner?', 'What colour is the small dot?'),
+    fine_detail=('What pattern is in the small box?', 'Which pattern fills the marked box?'),
 )
 # vicuna_v1 template words, so a chat-formatted prompt never hits <unk>
 CHAT_TEXTS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions.", 'USER: ASSISTANT:')
 SPECIAL_TOKENS = ('<unk>', '<s>', '</s>', '<pad>', '<image>')  # ids 0..4, Llama order for the first three
 VOCAB_LIMIT = 256  # vocab_size of the tiny LLM config
-FORMAT_VERSION = 1  # bump when the output changes for the same arguments; invalidates meta.json caches
+FORMAT_VERSION = 2  # bump when the output changes for the same arguments; invalidates meta.json caches
 
 
 def _draw_shape(draw, shape, cx, cy, r, fill):
@@ -80,31 +97,33 @@ def _draw_shape(draw, shape, cx, cy, r, fill):
         raise ValueError(f'unknown shape {shape!r}, expected one of {SHAPES}')
 
 
-def _detail_cell_origin(corner, size):
-    """Top-left pixel of the fine-detail cell; aligned to the 64-px grid (multiple of size // 64)."""
-    f, margin = size // 64, size // 16
-    x0 = margin if corner.endswith('left') else size - margin - f
-    y0 = margin if corner.startswith('top') else size - margin - f
-    return x0, y0
+def _stripe_profile(n):
+    """Integer offsets along a striped axis: (-1)**j * (1, 3, 3, 1)[j % 4], j < n (n a multiple of 4)."""
+    return [PATTERN_PROFILE[j % 4] for j in range(n)]
 
 
-def _detail_cell(dot, others, shift, size):
-    """Pixels of the fine-detail cell: {(dx, dy): colour name}.
+def _detail_patch(pattern, grey, size):
+    """The fine-detail patch as rows of grey levels (a list of ``n`` lists of ``n`` ints, n = PATCH_CELLS * f).
 
-    The cell is f x f px (f = size // 64, one 64-px pixel). Quarter 0 (top-left) is the solid dot. Each
-    pixel of quarter 0 has three mirror images in the other quarters; the four together hold every
-    dot colour once, so each symmetric-filter weight class sees the same colours for every answer.
+    Every answer has the same mean over each 4x4 px block (``grey``); see the module docstring for why the
+    offsets vanish at 64 px under any symmetric downsampling kernel.
     """
-    f = size // 64
-    h = f // 2
-    cell = {}
-    for p, (dy, dx) in enumerate((dy, dx) for dy in range(h) for dx in range(h)):
-        mirrors = ((dx, dy), (f - 1 - dx, dy), (dx, f - 1 - dy), (f - 1 - dx, f - 1 - dy))
-        cell[mirrors[0]] = dot
-        for k, xy in enumerate(mirrors[1:]):
-            # cyclic shift varying with p keeps the other quarters mixed, never solid
-            cell[xy] = others[(k + p + shift) % 3]
-    return cell
+    n = PATCH_CELLS * (size // 64)
+    p, k = _stripe_profile(n), PATTERN_STEP
+    offset = dict(rows=lambda x, y: 3 * k * p[y], columns=lambda x, y: 3 * k * p[x],
+                  checks=lambda x, y: k * p[x] * p[y], plain=lambda x, y: 0)[pattern]
+    return [[grey + offset(x, y) for x in range(n)] for y in range(n)]
+
+
+def _detail_origin(params, size):
+    """Top-left pixel of the fine-detail patch: grid-aligned, ``jitter`` cells in from a corner margin."""
+    f, n = size // 64, PATCH_CELLS * (size // 64)
+    jx, jy = params['jitter']
+    x = size // 16 + jx * f
+    y = size // 16 + jy * f
+    x0 = x if params['corner'].endswith('left') else size - x - n
+    y0 = y if params['corner'].startswith('top') else size - y - n
+    return x0, y0
 
 
 def _sample_params(rng, category, answer, size):
@@ -124,15 +143,14 @@ def _sample_params(rng, category, answer, size):
                       top=(across, along), bottom=(across, 1 - along))[answer]
         params['items'] = [(cx * size, cy * size, 0.13 * size)]
         return params
-    params[category] = answer  # colour / shape / fine_detail's dot colour
+    params[category] = answer  # colour / shape / fine_detail's pattern
     max_r = 0.24 if category == 'fine_detail' else 0.28  # keep clear of the detail's corner
     params['items'] = [(rng.uniform(0.42, 0.58) * size, rng.uniform(0.42, 0.58) * size,
                         rng.uniform(0.18, max_r) * size)]
     if category == 'fine_detail':
-        others = [c for c in DOT_COLOURS if c != answer]
-        rng.shuffle(others)
-        params.update(corner=rng.choice(CORNERS), others=others, shift=rng.randrange(3))
-        params['colour'] = rng.choice([c for c in COLOURS if c not in DOT_COLOURS])  # dot stays unique
+        # nothing drawn here depends on the answer: the scene is the same for every pattern
+        params.update(corner=rng.choice(CORNERS), jitter=(rng.randrange(3), rng.randrange(3)),
+                      grey=rng.randint(100, 155))
     return params
 
 
@@ -143,13 +161,15 @@ def _render(params, size):
     for cx, cy, r in params['items']:
         _draw_shape(draw, params['shape'], cx, cy, r, COLOURS[params['colour']])
     if params['category'] == 'fine_detail':
-        f = size // 64
-        x0, y0 = _detail_cell_origin(params['corner'], size)
-        # frame one 64-px cell away on every side: marks the spot, identical for every answer
-        draw.rectangle((x0 - f, y0 - f, x0 + 2 * f - 1, y0 + 2 * f - 1), outline=(60, 60, 60))
-        for (dx, dy), name in _detail_cell(params['fine_detail'], params['others'], params['shift'],
-                                           size).items():
-            img.putpixel((x0 + dx, y0 + dy), COLOURS[name])
+        f, n = size // 64, PATCH_CELLS * (size // 64)
+        x0, y0 = _detail_origin(params, size)
+        # frame f // 2 px wide, f // 2 px clear of the patch: marks the spot, identical for every answer
+        # (never 1 px wide, so nothing but the patch alternates pixel to pixel)
+        h = f // 2
+        draw.rectangle((x0 - f, y0 - f, x0 + n + f - 1, y0 + n + f - 1), outline=(60, 60, 60), width=h)
+        patch = _detail_patch(params['fine_detail'], params['grey'], size)
+        img.paste(Image.frombytes('L', (n, n), bytes(v for row in patch for v in row)).convert('RGB'),
+                  (x0, y0))
     return img
 
 
@@ -251,16 +271,17 @@ def generate_synthetic_vqa(out_dir, num_train=4000, num_val=500, image_size=256,
         out_dir: output folder, created if missing.
         num_train: training samples. Defaults to 4000.
         num_val: validation samples. Defaults to 500.
-        image_size: side in px; a multiple of 128 so the fine detail fits one 64-px cell. Defaults to 256.
+        image_size: side in px; a multiple of 256, so a 64-px cell is >= 4 px, which the fine detail
+            needs to vanish at 64 px. Defaults to 256.
         seed: generation seed. Defaults to 0.
         overwrite: regenerate even if a matching set exists. Defaults to False.
 
     Returns:
         dict(train=, val=, image_folder=, tokenizer=) paths.
     """
-    if image_size % 128:
-        raise ValueError(f'image_size must be a multiple of 128 (fine detail = one 64-px cell '
-                         f'split in quarters), got {image_size}')
+    if image_size % 256:
+        raise ValueError(f'image_size must be a multiple of 256 (the fine detail needs >= 4 px per '
+                         f'64-px cell), got {image_size}')
     paths = dict(train=osp.join(out_dir, 'train.json'), val=osp.join(out_dir, 'val.json'),
                  image_folder=osp.join(out_dir, 'images'), tokenizer=osp.join(out_dir, 'tokenizer'))
     meta = dict(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,

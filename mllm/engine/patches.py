@@ -56,7 +56,7 @@ def cpu_distributed(cfg, launcher: str) -> None:
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
     if cfg.get('strategy') is None:  # DeepSpeed wraps the model itself
         wrapper = cfg.get('model_wrapper_cfg') or {}
-        wrapper.setdefault('type', 'CPUCompatibleDDP')
+        wrapper.setdefault('type', 'mllm.CPUCompatibleDDP')  # runner looks up the root registry
         cfg['model_wrapper_cfg'] = wrapper
 
 

@@ -29,14 +29,17 @@ def use_deepspeed(cfg: Config, name_or_path: str) -> None:
     with open(path) as f:
         ds_config = json.load(f)
     optim = cfg.optim_wrapper
-    accumulate = optim.get('accumulative_counts', 1)
-    batch = cfg.train_dataloader.batch_size
-    ds_config['gradient_accumulation_steps'] = accumulate
-    ds_config['train_micro_batch_size_per_gpu'] = batch
-    ds_config.pop('train_batch_size', None)  # derived by DeepSpeed from the two above
     clip = optim.get('clip_grad') or {}
-    if 'max_norm' in clip:
-        ds_config['gradient_clipping'] = clip['max_norm']
+    # DeepSpeed owns batching, accumulation and clipping: its "auto" values come from the config
+    resolved = dict(train_micro_batch_size_per_gpu=cfg.train_dataloader.batch_size,
+                    gradient_accumulation_steps=optim.get('accumulative_counts', 1),
+                    gradient_clipping=clip.get('max_norm', 0.0))
+    for key, value in resolved.items():
+        if ds_config.get(key) == 'auto':
+            ds_config[key] = value
+    unresolved = [k for k, v in ds_config.items() if v == 'auto']
+    if unresolved:
+        raise ValueError(f'{path}: cannot resolve "auto" for {unresolved}')
     cfg.strategy = dict(type='DeepSpeedStrategy', config=ds_config,
                         exclude_frozen_parameters=True)
     cfg.optim_wrapper = dict(type='DeepSpeedOptimWrapper', optimizer=optim['optimizer'])

@@ -17,7 +17,8 @@ from mllm.registry import MODELS
 def set_trainable(model: torch.nn.Module, trainable: Sequence[str]) -> None:
     """Freeze every parameter except those under the ``trainable`` name prefixes.
 
-    LoRA adapter weights stay trainable whenever adapters exist.
+    LoRA adapter weights stay trainable whenever adapters exist; parameters a module
+    reports as ``unused_parameters()`` (never reaching the output) stay frozen.
     """
     names = [n for n, _ in model.named_parameters()]
     for prefix in trainable:
@@ -27,6 +28,9 @@ def set_trainable(model: torch.nn.Module, trainable: Sequence[str]) -> None:
     for name, param in model.named_parameters():
         param.requires_grad = ('lora_' in name or
                                any(name == p or name.startswith(p + '.') for p in trainable))
+    for module in model.modules():
+        for param in getattr(module, 'unused_parameters', lambda: ())():
+            param.requires_grad = False
 
 
 @MODELS.register_module()

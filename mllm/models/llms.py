@@ -49,11 +49,16 @@ def HFCausalLM(pretrained: Optional[str] = None,
     if torch_dtype not in _DTYPES:
         raise ValueError(f'llm.torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}')
     extra = {} if attn_implementation is None else {'attn_implementation': attn_implementation}
+    quantization_config = _quantization_config(quantization)  # checked on every path
     if pretrained is not None and load_weights:
         return from_pretrained_locally(
             AutoModelForCausalLM, pretrained, 'LLM', torch_dtype=_DTYPES[torch_dtype],
-            quantization_config=_quantization_config(quantization),
+            quantization_config=quantization_config,
             trust_remote_code=trust_remote_code, **extra)
+    if quantization_config is not None:
+        # NOTE: weights are quantized while they load; a random init would silently stay fp.
+        raise ValueError(f'llm.quantization={quantization!r} needs pretrained weights to load '
+                         '(set `pretrained` and load_weights=True, or quantization=None)')
     if config is not None:
         config = dict(config)
         hf_config = AutoConfig.for_model(config.pop('model_type'), **config)

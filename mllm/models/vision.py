@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mllm.models.hf_utils import from_pretrained_locally
@@ -49,6 +50,7 @@ class CLIPVisionEncoder(nn.Module):
             raise ValueError(f'select_layer={select_layer} is out of range for {num_layers} layers')
         self.select_layer = select_layer
         self.select_feature = select_feature
+        self.grad_checkpointing = False
 
     @property
     def out_channels(self) -> int:
@@ -65,14 +67,31 @@ class CLIPVisionEncoder(nn.Module):
         return n + 1 if self.select_feature == 'cls_patch' else n
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={'use_reentrant': False})
-        else:
-            self.model.gradient_checkpointing_disable()
+        self.grad_checkpointing = enable
+
+    @property
+    def num_used_layers(self) -> int:
+        """Encoder layers up to ``select_layer`` (``hidden_states[0]`` is the embedding)."""
+        num_layers = self.model.config.num_hidden_layers
+        return self.select_layer % (num_layers + 1)
+
+    def unused_parameters(self):
+        """Parameters that never reach the output (layers after ``select_layer`` and the
+        final LayerNorm): kept so checkpoints and counts match the published tower, but
+        frozen, so DDP does not wait for gradients that never come."""
+        vision = self.model.vision_model
+        yield from vision.post_layernorm.parameters()
+        for layer in vision.encoder.layers[self.num_used_layers:]:
+            yield from layer.parameters()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        out = self.model(pixel_values.to(dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.select_layer]  # (B, 1 + N, C)
-        return feats[:, 1:] if self.select_feature == 'patch' else feats
+        vision = self.model.vision_model
+        dtype = vision.embeddings.patch_embedding.weight.dtype
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values.to(dtype)))  # (B, 1 + N, C)
+        # run only the layers up to select_layer: the rest would be computed and discarded
+        for layer in vision.encoder.layers[:self.num_used_layers]:
+            if self.grad_checkpointing and self.training:
+                hidden = checkpoint(layer, hidden, None, None, use_reentrant=False)[0]
+            else:
+                hidden = layer(hidden, None, None)[0]
+        return hidden[:, 1:] if self.select_feature == 'patch' else hidden

@@ -1,0 +1,2 @@
+# LLaVA-1.5 stage 1 (projector alignment on LCS-558K) with vicuna13b.
+_base_ = ['../_base_/recipes/llava15_pretrain.py', '../_base_/llms/vicuna13b.py']
