@@ -323,9 +323,10 @@ def test_image_token_count_mismatch_names_both_numbers(tiny_model_cfg):
     with pytest.raises(ValueError) as err:
         model(ids, labels=ids.clamp(min=0), pixel_values=pixels(1))
     message = str(err.value)
-    assert f'= {N_IMG} features' in message and f'{N_IMG - 1} image-token slots' in message
+    assert f'1 images give {N_IMG} features' in message
+    assert f'{N_IMG - 1} image-token slots' in message
     two_images = torch.tensor([[1] + [IMAGE_TOKEN_INDEX] * N_IMG + [6]])
-    with pytest.raises(ValueError, match=f'2 images x {N_IMG} tokens = {2 * N_IMG} features, '
+    with pytest.raises(ValueError, match=f'2 images give {2 * N_IMG} features, '
                                          f'but the text has {N_IMG} image-token slots'):
         model(two_images, pixel_values=pixels(2))
     with pytest.raises(ValueError, match=f'{N_IMG} image-token slots but no images'):
@@ -387,7 +388,7 @@ def test_text_only_and_image_samples_in_one_batch(tiny_model_cfg, tiny_tokenizer
     with torch.no_grad():
         loss = model(**batch)['loss']
         text_alone = model(**collate([text], tiny_tokenizer))['loss']  # pixel_values None
-        feats = model.encode_images(batch['pixel_values'])[0]
+        feats = model.encode_images(batch['pixel_values'])  # (16, C): the one image's tokens
     handle.remove()
     assert torch.isfinite(loss) and torch.isfinite(text_alone)
     ids, embeds = batch['input_ids'], seen[0]
@@ -641,3 +642,27 @@ def test_load_model_rejects_checkpoints_that_do_not_fit(tiny_model_cfg, saved_ti
     torch.save(dict(state_dict=missing), tmp_path / 'missing.pth')
     with pytest.raises(ValueError, match=r"missing \['projector.linear_2.bias'\]"):
         load_model(cfg, str(tmp_path / 'missing.pth'))
+
+
+def test_images_of_different_shapes_are_encoded_in_sample_order(tiny_model_cfg):
+    """Keep-aspect images / slices come as a list; features land in the same order as a
+    per-image loop would put them."""
+    import torch
+    from mllm.datasets.collate import llava_collate
+    from mllm.registry import MODELS
+
+    torch.manual_seed(0)
+    model = MODELS.build(tiny_model_cfg).eval()
+    square, wide, square2 = torch.randn(3, 32, 32), torch.randn(3, 32, 64), torch.randn(3, 32, 32)
+    items = [dict(input_ids=[1] + [-200] * 16 + [5], pixel_values=square),
+             dict(input_ids=[1] + [-200] * (32 + 16) + [6], pixel_values=[wide, square2])]
+    batch = llava_collate(items)
+    assert isinstance(batch['pixel_values'], list) and len(batch['pixel_values']) == 3
+    with torch.no_grad():
+        feats = model.encode_images(batch['pixel_values'])
+        expected = torch.cat([model.projector(model.vision_encoder(x[None]))[0]
+                              for x in (square, wide, square2)])
+        assert torch.allclose(feats, expected, atol=1e-5)
+        embeds = model.embed_inputs(batch['input_ids'], batch['pixel_values'])
+    mask = batch['input_ids'] == -200
+    assert torch.allclose(embeds[mask], expected, atol=1e-5)

@@ -1,6 +1,7 @@
 """The ``mllm`` command: one module per subcommand, imported only when it runs."""
 import argparse
 import importlib
+import importlib.util
 import sys
 import traceback
 
@@ -13,6 +14,11 @@ COMMANDS = {
     'copy-cfg': ('mllm.cli.copy_cfg', 'copy a shipped config to edit it'),
     'print-config': ('mllm.cli.print_config', 'print the merged config after overrides'),
     'demo': ('mllm.cli.demo', 'synthetic data -> tiny LLaVA vs blind baseline -> results table'),
+    'plan': ('mllm.cli.plan', 'per-GPU memory estimate for each ZeRO stage'),
+    'chat': ('mllm.cli.chat', 'talk to a trained model about an image'),
+    'convert': ('mllm.cli.convert', 'export a checkpoint to a self-contained Hugging Face folder'),
+    'eval': ('mllm.cli.eval', 'evaluate a model on a benchmark file (MMBench, POPE, ...)'),
+    'plot': ('mllm.cli.plot', 'loss / lr / grad-norm / throughput curves of training runs'),
 }
 
 
@@ -22,6 +28,9 @@ def main(argv=None) -> int:
     for name, (module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS and importlib.util.find_spec(COMMANDS[argv[0]][0]) is None:
+        print(f'mllm: {argv[0]} is not available in this version', file=sys.stderr)
+        return 2
     if not argv or argv[0] not in COMMANDS:
         parser.print_help(sys.stderr if argv else sys.stdout)
         if argv and argv[0] not in ('-h', '--help'):

@@ -13,8 +13,9 @@ def llava_collate(instances: List[dict], pad_token_id: int = 0,
     """Pad ``input_ids``/``labels`` and build the attention mask.
 
     Padded positions get ``attention_mask`` 0 and label ``IGNORE_INDEX``, so they are
-    neither attended to nor learned. Images are stacked in sample order, which is the
-    order the model scatters their features into the image-token slots. Use
+    neither attended to nor learned. Images keep sample order, which is the order the
+    model scatters their features into the image-token slots: one (B_img, 3, H, W) tensor
+    when all have one shape, else a list of (3, H_i, W_i) tensors. Use
     ``padding_side='left'`` for batched generation.
     """
     if padding_side not in ('left', 'right'):
@@ -30,6 +31,13 @@ def llava_collate(instances: List[dict], pad_token_id: int = 0,
         attention_mask[row, cols] = 1
         if 'labels' in x:
             labels[row, cols] = torch.as_tensor(x['labels'])
-    images = [x['pixel_values'] for x in instances if x.get('pixel_values') is not None]
+    # a sample holds one image tensor or a list of them (slices); flatten in sample order
+    images = []
+    for x in instances:
+        pixels = x.get('pixel_values')
+        if pixels is not None:
+            images += list(pixels) if isinstance(pixels, (list, tuple)) else [pixels]
+    if images and len({tuple(im.shape) for im in images}) == 1:
+        images = torch.stack(images)  # one shape: a plain batch tensor
     return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-                pixel_values=torch.stack(images) if images else None)
+                pixel_values=images if len(images) else None)

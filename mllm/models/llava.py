@@ -4,7 +4,7 @@ The dataset expands every ``<image>`` into as many ``IMAGE_TOKEN_INDEX`` sentine
 encoder yields tokens, so sequence lengths never change inside the model: the merge is a
 mask plus ``masked_scatter``.
 """
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from mmengine.model import BaseModel
@@ -71,12 +71,30 @@ class LLaVAModel(BaseModel):
                 gradient_checkpointing_kwargs={'use_reentrant': False})
             self.vision_encoder.set_grad_checkpointing(True)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B_img, 3, H, W) -> (B_img, N, C_llm)."""
-        return self.projector(self.vision_encoder(pixel_values))
+    def encode_images(self, pixel_values: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+        """Images -> visual tokens (sum of N_i, C_llm) in image order.
+
+        ``pixel_values`` is a (B_img, 3, H, W) batch, or a list of (3, H_i, W_i) images of
+        different shapes (keep-aspect resizing, slices); images of one shape are encoded
+        together.
+        """
+        if isinstance(pixel_values, torch.Tensor):
+            feats = self.projector(self.vision_encoder(pixel_values))  # (B_img, N, C)
+            return feats.flatten(0, 1)
+        by_shape = {}
+        for i, image in enumerate(pixel_values):
+            by_shape.setdefault(tuple(image.shape), []).append(i)
+        per_image = [None] * len(pixel_values)
+        for indices in by_shape.values():
+            feats = self.projector(self.vision_encoder(
+                torch.stack([pixel_values[i] for i in indices])))  # (n, N, C)
+            for i, f in zip(indices, feats):
+                per_image[i] = f
+        return torch.cat(per_image)
 
     def embed_inputs(self, input_ids: torch.Tensor,
-                     pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     pixel_values: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None
+                     ) -> torch.Tensor:
         """Token embeddings with visual features scattered into the image-sentinel slots."""
         image_mask = input_ids == IMAGE_TOKEN_INDEX  # (B, T)
         embed = self.llm.get_input_embeddings()
@@ -86,13 +104,12 @@ class LLaVAModel(BaseModel):
             if num_slots:
                 raise ValueError(f'the batch has {num_slots} image-token slots but no images')
             return inputs_embeds
-        feats = self.encode_images(pixel_values)  # (B_img, N, C)
-        if feats.shape[0] * feats.shape[1] != num_slots:
+        feats = self.encode_images(pixel_values)  # (sum N_i, C)
+        if feats.shape[0] != num_slots:
             raise ValueError(
-                f'image features do not match the image tokens in the text: {feats.shape[0]} '
-                f'images x {feats.shape[1]} tokens = {feats.shape[0] * feats.shape[1]} '
-                f'features, but the text has {num_slots} image-token slots (is the image '
-                'processor sized for this vision encoder?)')
+                f'image features do not match the image tokens in the text: {len(pixel_values)} '
+                f'images give {feats.shape[0]} features, but the text has {num_slots} '
+                'image-token slots (is the image processor sized for this vision encoder?)')
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1),
                                             feats.to(inputs_embeds.dtype))
 

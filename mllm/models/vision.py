@@ -42,7 +42,7 @@ class CLIPVisionEncoder(nn.Module):
         elif config is not None:
             self.model = CLIPVisionModel(CLIPVisionConfig(**config))
         elif pretrained is not None:
-            self.model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(pretrained))
+            self.model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(pretrained, local_files_only=True))
         else:
             raise ValueError('CLIPVisionEncoder needs `pretrained` or `config`')
         num_layers = self.model.config.num_hidden_layers
@@ -87,7 +87,10 @@ class CLIPVisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
         dtype = vision.embeddings.patch_embedding.weight.dtype
-        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values.to(dtype)))  # (B, 1 + N, C)
+        # other input sizes (slices, keep-aspect) interpolate the position embedding (bicubic)
+        interpolate = tuple(pixel_values.shape[-2:]) != (self.model.config.image_size,) * 2
+        hidden = vision.pre_layrnorm(vision.embeddings(
+            pixel_values.to(dtype), interpolate_pos_encoding=interpolate))  # (B, 1 + N, C)
         # run only the layers up to select_layer: the rest would be computed and discarded
         for layer in vision.encoder.layers[:self.num_used_layers]:
             if self.grad_checkpointing and self.training:
