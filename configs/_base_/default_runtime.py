@@ -5,19 +5,23 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
-    # iteration-based `iter_N.pth` checkpoints; keep the last two
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=500, max_keep_ckpts=2),
+    # iteration-based `iter_N.pth` checkpoints, written atomically; keep the last two
+    checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False, interval=500, max_keep_ckpts=2),
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )
-# checkpoints hold only the trainable tensors
-custom_hooks = [dict(type='TrainableCheckpointHook')]
+# checkpoints hold only the trainable tensors; tokens/s, samples/s (TFLOPs on GPU) are logged
+custom_hooks = [dict(type='TrainableCheckpointHook'), dict(type='ThroughputHook')]
+# skip an optimizer step whose loss or gradient norm is NaN/inf (weights unchanged, logged);
+# stop after this many in a row. None turns it off (mllm.engine.optim_wrappers)
+nonfinite_loss = dict(max_consecutive=5)
 
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
     dist_cfg=dict(backend='nccl'),  # switched to gloo on CPU
 )
-# per-iteration scalars land in <work_dir>/<timestamp>/vis_data/scalars.json
+# per-iteration scalars land in <work_dir>/<timestamp>/vis_data/scalars.json; add
+# dict(type='TensorboardVisBackend') or dict(type='WandbVisBackend') to vis_backends for those
 visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
 log_processor = dict(by_epoch=False, window_size=1)
 log_level = 'INFO'

@@ -11,6 +11,15 @@ import sys
 import time
 
 DEMO_CONFIG = 'configs/tiny/tiny_llava_synthetic.py'
+# model name -> (config, blank images); `--models` picks among them, the default stays as it was
+DEMO_MODELS = {
+    'tiny_llava': (DEMO_CONFIG, False),
+    'blind': (DEMO_CONFIG, True),
+    # 256-px ConvNeXt, stride 32: the same 64 visual tokens as the 64-px tiny LLaVA (opt-in)
+    'tiny_convllava': ('configs/tiny/tiny_convllava_synthetic.py', False),
+    # native-resolution 2x2 slices + overview, 16 resampled tokens each: 80 tokens (opt-in)
+    'tiny_uhd': ('configs/tiny/tiny_uhd_synthetic.py', False),
+}
 
 
 def add_arguments(parser):
@@ -19,6 +28,8 @@ def add_arguments(parser):
     parser.add_argument('--max-iters', type=int, help="training steps (default: the config's)")
     parser.add_argument('--num-train', type=int, default=4000)
     parser.add_argument('--num-val', type=int, default=500)
+    parser.add_argument('--models', default='tiny_llava,blind',
+                        help=f'comma-separated, from {",".join(DEMO_MODELS)}')
 
 
 def train(name: str, args, extra_options) -> float:
@@ -28,7 +39,7 @@ def train(name: str, args, extra_options) -> float:
                f'tokenizer.pretrained={args.data_dir}/tokenizer', *extra_options]
     if args.max_iters:
         options.append(f'train_cfg.max_iters={args.max_iters}')
-    cmd = [sys.executable, '-m', 'mllm', 'train', DEMO_CONFIG,
+    cmd = [sys.executable, '-m', 'mllm', 'train', DEMO_MODELS[name][0],
            '--work-dir', os.path.join(args.work_dir, name), '--cfg-options', *options]
     print(f'[demo] training {name}: {" ".join(cmd[2:])}', flush=True)
     start = time.time()
@@ -46,7 +57,7 @@ def evaluate(name: str, args, blank_images: bool) -> dict:
     from mllm.engine.inference import answer_questions, load_model
     from mllm.registry import DATASETS
 
-    cfg = load_config(DEMO_CONFIG, {'tokenizer.pretrained': f'{args.data_dir}/tokenizer'})
+    cfg = load_config(DEMO_MODELS[name][0], {'tokenizer.pretrained': f'{args.data_dir}/tokenizer'})
     work_dir = os.path.join(args.work_dir, name)
     with open(os.path.join(work_dir, 'last_checkpoint')) as f:
         checkpoint = f.read().strip()
@@ -77,8 +88,9 @@ def print_table(results: dict) -> None:
     for name, r in rows.items():
         print(f'{name:<14}{r["accuracy"]:>9.3f}' +
               ''.join(f'{r["per_category"][c]:>12.3f}' for c in categories))
-    print(f'\nmargin over the blind baseline: {results["margin_points"]:+.1f} points '
-          f'({results["val_samples"]} held-out questions)')
+    if results['margin_points'] is not None:
+        print(f'\nmargin over the blind baseline: {results["margin_points"]:+.1f} points '
+              f'({results["val_samples"]} held-out questions)')
 
 
 def run(args) -> int:
@@ -87,19 +99,30 @@ def run(args) -> int:
 
     start = time.time()
     generate_synthetic_vqa(args.data_dir, num_train=args.num_train, num_val=args.num_val)
-    seconds = {'tiny_llava': train('tiny_llava', args, []),
-               'blind': train('blind', args, ['train_dataloader.dataset.blank_images=True'])}
-    models = {'tiny_llava': evaluate('tiny_llava', args, blank_images=False),
-              'blind': evaluate('blind', args, blank_images=True)}
+    names = args.models.split(',')
+    unknown = [n for n in names if n not in DEMO_MODELS]
+    if unknown:
+        raise ValueError(f'--models: unknown {unknown}; choose from {list(DEMO_MODELS)}')
+    seconds = {n: train(n, args, ['train_dataloader.dataset.blank_images=True']
+                        if DEMO_MODELS[n][1] else []) for n in names}
+    models = {n: evaluate(n, args, blank_images=DEMO_MODELS[n][1]) for n in names}
     for name, r in models.items():
         r['train_seconds'] = round(seconds[name], 1)
     results = dict(models=models, val_samples=args.num_val,
                    margin_points=round(100 * (models['tiny_llava']['accuracy']
-                                              - models['blind']['accuracy']), 1),
+                                              - models['blind']['accuracy']), 1)
+                   if {'tiny_llava', 'blind'} <= set(models) else None,
                    total_seconds=round(time.time() - start, 1))
     print_table(results)
     with open(os.path.join(args.work_dir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     print(f'results: {os.path.join(args.work_dir, "results.json")} '
           f'({results["total_seconds"]:.0f} s)')
+    from mllm.cli.plot import plot_runs, read_run
+    curves = os.path.join(args.work_dir, 'curves.png')
+    try:
+        plot_runs({name: read_run(os.path.join(args.work_dir, name)) for name in models}, curves)
+        print(f'training curves: {curves}')
+    except (FileNotFoundError, ValueError) as err:  # too few steps to log: no curve to draw
+        print(f'no training curves: {err}')
     return 0

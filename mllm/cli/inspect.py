@@ -56,10 +56,16 @@ def inspect_config(cfg, image_size=None) -> dict:
     params['total'] = sum(p.numel() for p in model.parameters())
     processor = TRANSFORMS.build(cfg.image_processor)
     image_size = image_size or (processor.size, processor.size)
-    return dict(params=params,
-                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                visual_tokens=model.vision_encoder.num_visual_tokens(processor.output_size(image_size)),
-                image_size=list(image_size))
+    # one image may become several tensors (UHD slices + overview), each its own tokens
+    units = (processor.unit_sizes(image_size) if hasattr(processor, 'unit_sizes')
+             else [processor.output_size(image_size)])
+    report = dict(params=params,
+                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  visual_tokens=sum(model.num_visual_tokens(unit) for unit in units),
+                  image_size=list(image_size))
+    if hasattr(processor, 'layout'):
+        report['slices'] = list(processor.layout(image_size)['grid'])  # [rows, cols]
+    return report
 
 
 def run(args) -> int:
@@ -74,5 +80,7 @@ def run(args) -> int:
         print(f'{name:<20}{count:>18,}  ({count / 1e9:.3f} B)')
     print(f'{"trainable":<20}{report["trainable_params"]:>18,}')
     w, h = report['image_size']
-    print(f'visual tokens for a {w}x{h} image: {report["visual_tokens"]}')
+    slices = f' ({report["slices"][0]}x{report["slices"][1]} slices + overview)' \
+        if report.get('slices', [1, 1]) != [1, 1] else ''
+    print(f'visual tokens for a {w}x{h} image: {report["visual_tokens"]}{slices}')
     return 0

@@ -10,7 +10,8 @@ from mmengine.config import DictAction
 def add_arguments(parser):
     parser.add_argument('config', help='config file, or a shipped config name')
     parser.add_argument('--work-dir', help='defaults to work_dirs/<config name>')
-    parser.add_argument('--deepspeed', help='zero1 | zero2 | zero3 | zero3_offload | a JSON path')
+    parser.add_argument('--deepspeed', help="zero1 | zero2 | zero3 | zero3_offload | a JSON path | "
+                        "'none' (default: the config's `deepspeed` key, if any)")
     parser.add_argument('--resume', help="'auto' (newest checkpoint of the work dir) or a path")
     parser.add_argument('--load-from', help='start from these weights (e.g. the previous '
                         "stage's checkpoint) without resuming its optimizer and schedule")
@@ -47,7 +48,10 @@ def run(args) -> int:
         raise ValueError(f'{config} starts from {required}: pass --load-from PATH')
     work_dir = args.work_dir or cfg.get('work_dir') or os.path.join(
         'work_dirs', os.path.splitext(os.path.basename(config))[0])
+    # a recipe may name its intended DeepSpeed config (`deepspeed = 'zero2'`); 'none' opts out
+    deepspeed = args.deepspeed or cfg.get('deepspeed')
+    deepspeed = None if deepspeed == 'none' else deepspeed
     runner = build_runner(cfg, work_dir=work_dir, launcher=args.launcher, resume=args.resume,
-                          load_from=args.load_from, seed=args.seed, deepspeed=args.deepspeed)
+                          load_from=args.load_from, seed=args.seed, deepspeed=deepspeed)
     runner.train()
     return 0

@@ -22,6 +22,13 @@ def expand_to_square(image: Image.Image, fill: Tuple[int, int, int]) -> Image.Im
     return canvas
 
 
+def to_normalized_tensor(image: Image.Image, mean: Sequence[float],
+                         std: Sequence[float]) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float tensor normalised with ``mean``/``std``."""
+    pixels = torch.from_numpy(np.asarray(image.convert('RGB'), dtype=np.float32) / 255.0)
+    return (pixels.permute(2, 0, 1) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
 @TRANSFORMS.register_module()
 class LLaVAImageProcessor:
     """PIL image -> normalised (3, size, size) tensor, as LLaVA-1.5 preprocesses.
@@ -32,11 +39,14 @@ class LLaVAImageProcessor:
             tell the text how many image tokens to reserve. Defaults to 14.
         mean, std: normalisation; the mean is also the pad colour. Defaults to CLIP's.
         pad_to_square: pad instead of stretching non-square images. Defaults to True.
+        keep_aspect: resize the long side to ``size`` and keep the aspect ratio, both
+            sides rounded to multiples of ``token_stride`` (no padding, so no tokens are
+            spent on padding; ``pad_to_square`` is ignored). Defaults to False.
     """
 
     def __init__(self, size: int = 336, token_stride: int = 14,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 pad_to_square: bool = True):
+                 pad_to_square: bool = True, keep_aspect: bool = False):
         if size % token_stride:
             raise ValueError(f'image size {size} is not a multiple of token_stride {token_stride}')
         self.size = size
@@ -45,10 +55,17 @@ class LLaVAImageProcessor:
         self.std = torch.tensor(std).view(3, 1, 1)
         self.pad_colour = tuple(int(round(m * 255)) for m in mean)
         self.pad_to_square = pad_to_square
+        self.keep_aspect = keep_aspect
 
     def output_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
         """(W, H) of the tensor produced for an image of ``image_size`` = (W, H)."""
-        return (self.size, self.size)
+        if not self.keep_aspect:
+            return (self.size, self.size)
+        w, h = image_size
+        scale = self.size / max(w, h)
+        stride = self.token_stride
+        # the long side becomes `size` exactly; the short side the nearest stride multiple
+        return tuple(max(stride, round(side * scale / stride) * stride) for side in (w, h))
 
     def num_visual_tokens(self, image_size: Tuple[int, int]) -> int:
         w, h = self.output_size(image_size)
@@ -60,8 +77,8 @@ class LLaVAImageProcessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert('RGB')
-        if self.pad_to_square:
+        if self.pad_to_square and not self.keep_aspect:
             image = expand_to_square(image, self.pad_colour)
-        image = image.resize((self.size, self.size), Image.BICUBIC)
+        image = image.resize(self.output_size(image.size), Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3)
         return (pixels.permute(2, 0, 1) - self.mean) / self.std  # (3, H, W)

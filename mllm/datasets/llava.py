@@ -10,10 +10,12 @@ Structure is validated when the dataset is built (every problem is reported with
 file, the line or index and the sample id); images are read when a sample is used.
 """
 import json
+import logging
 import os
 from typing import List, Optional, Tuple
 
 import torch
+from mmengine.logging import print_log
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -90,6 +92,17 @@ def resolve_image_path(image_folder: Optional[str], image: str) -> str:
     return path
 
 
+def expand_image_placeholder(conversations: List[dict], image_processor, image_size) -> List[dict]:
+    """Replace ``<image>`` with the processor's layout when it makes several image tensors
+    (UHD slices: ``<image>,<image>\n...<image>``); the conversation is not modified."""
+    placeholder = getattr(image_processor, 'placeholder', None)
+    if placeholder is None:
+        return conversations
+    layout = placeholder(image_size)
+    return [dict(turn, value=turn['value'].replace(IMAGE_TOKEN, layout))
+            if turn['from'] in ('human', 'user') else turn for turn in conversations]
+
+
 @DATASETS.register_module()
 class LLaVADataset(Dataset):
     """LLaVA JSON/JSONL conversations with images, encoded as training sees them.
@@ -105,11 +118,18 @@ class LLaVADataset(Dataset):
         blank_images: replace every image with a blank one (the "blind" baseline).
         strict: raise on malformed samples when built; ``mllm check-data`` turns it off
             to list every problem (``self.problems``) instead of stopping at the first.
+        bad_sample_policy: what a sample that fails when read (missing or undecodable
+            image, failed encoding) does: 'error' stops training with a ``DataError``
+            naming it; 'skip' logs the reason, counts it and returns the next readable
+            sample instead. Defaults to 'error'.
+        max_skipped_ratio: under 'skip', stop once more than this share of the dataset
+            was found bad (counted per data-loader worker). Defaults to 0.01.
     """
 
     def __init__(self, data_path: str, tokenizer, template: str, image_processor,
                  image_folder: Optional[str] = None, max_length: int = 2048,
-                 blank_images: bool = False, strict: bool = True):
+                 blank_images: bool = False, strict: bool = True,
+                 bad_sample_policy: str = 'error', max_skipped_ratio: float = 0.01):
         from mllm.models.llms import build_tokenizer  # keeps `import mllm.datasets` light
 
         self.data_path = data_path
@@ -120,6 +140,11 @@ class LLaVADataset(Dataset):
                                 if isinstance(image_processor, dict) else image_processor)
         self.max_length = max_length
         self.blank_images = blank_images
+        if bad_sample_policy not in ('error', 'skip'):
+            raise ValueError(f"bad_sample_policy must be 'error' or 'skip', got {bad_sample_policy!r}")
+        self.bad_sample_policy = bad_sample_policy
+        self.max_skipped_ratio = max_skipped_ratio
+        self.skipped = set()  # indices found bad at run time (this process only)
         self.samples, self.places = read_samples(data_path)
         self.problems = [(i, p) for i, s in enumerate(self.samples)
                          if (p := sample_problem(s)) is not None]
@@ -166,14 +191,38 @@ class LLaVADataset(Dataset):
             raise DataError(f'{self.describe(index)}: cannot decode image {path} ({err})') from err
 
     def __getitem__(self, index: int) -> dict:
+        if self.bad_sample_policy == 'error':
+            return self.encode(index)
+        for offset in range(len(self)):
+            substitute = (index + offset) % len(self)  # deterministic: the next sample
+            if substitute in self.skipped:
+                continue
+            try:
+                return self.encode(substitute)
+            except DataError as err:
+                self._skip(substitute, err)
+        raise DataError(f'{self.data_path}: no readable sample left')
+
+    def _skip(self, index: int, err: DataError) -> None:
+        self.skipped.add(index)
+        limit = self.max_skipped_ratio * len(self)
+        print_log(f'skipped a bad sample ({len(self.skipped)} so far, stop above {limit:g}): '
+                  f'{err}', logger='current', level=logging.WARNING)
+        if len(self.skipped) > limit:
+            raise DataError(f'{len(self.skipped)} of {len(self)} samples were bad, more than '
+                            f'max_skipped_ratio={self.max_skipped_ratio:g} allows; last: {err}')
+
+    def encode(self, index: int) -> dict:
+        """Sample ``index`` as training sees it; raises ``DataError`` naming it."""
         sample = self.samples[index]
-        num_image_tokens, pixel_values = 0, None
+        conversations, num_image_tokens, pixel_values = sample['conversations'], 0, None
         if sample.get('image'):
             image = self.image_processor.blank() if self.blank_images else self.load_image(index)
             pixel_values = self.image_processor(image)
             num_image_tokens = self.image_processor.num_visual_tokens(image.size)
+            conversations = expand_image_placeholder(conversations, self.image_processor, image.size)
         try:
-            encoded = encode_conversation(sample['conversations'], self.tokenizer, self.template,
+            encoded = encode_conversation(conversations, self.tokenizer, self.template,
                                           num_image_tokens=num_image_tokens,
                                           max_length=self.max_length)
         except ValueError as err:

@@ -46,6 +46,15 @@ def _bind_dataset(dataset, cfg: Config) -> None:
             dataset[key] = cfg[key]
 
 
+def _signature_keys(component_cfg) -> set:
+    """Argument names of a registered component (its config may leave some out)."""
+    import inspect
+
+    from mllm.registry import TRANSFORMS
+    cls = TRANSFORMS.get(component_cfg.get('type', ''))
+    return set(inspect.signature(cls).parameters) if cls else set()
+
+
 def bind_components(cfg: Config) -> Config:
     """Fill ``model`` and datasets from the top-level component keys (see module doc)."""
     model = cfg.get('model')
@@ -53,6 +62,11 @@ def bind_components(cfg: Config) -> Config:
         for key in MODEL_BINDINGS:
             if key in cfg and model.get(key) is None:
                 model[key] = cfg[key]
+        # a slicing processor makes as many tokens per slice as the resampler has queries
+        processor, projector = cfg.get('image_processor'), model.get('projector') or {}
+        if processor is not None and 'tokens_per_unit' in _signature_keys(processor) \
+                and processor.get('tokens_per_unit') is None and 'num_queries' in projector:
+            processor['tokens_per_unit'] = projector['num_queries']
     for name in DATALOADERS:
         loader = cfg.get(name)
         if not loader:

@@ -1,5 +1,10 @@
 """Runner hooks."""
-from mmengine.hooks import Hook
+import os
+import shutil
+
+import torch
+from mmengine.dist import barrier, is_main_process
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import is_model_wrapper
 
 from mllm.registry import HOOKS
@@ -11,30 +16,161 @@ def _unwrap(model):
 
 @HOOKS.register_module()
 class TrainableCheckpointHook(Hook):
-    """Checkpoints hold only what trains; frozen weights come from the pretrained parts.
+    """Checkpoints hold what trains now plus what the run started from; frozen pretrained
+    weights stay out.
 
-    Saving drops every tensor whose parameter is frozen (a projector-only pretrain
-    checkpoint is megabytes, not the whole LLM). Loading fills the absent frozen tensors
-    from the freshly built model, so resuming and ``load_from`` see a complete state dict
-    and only genuinely unexpected or missing keys are reported.
+    Saving keeps the trainable tensors and every tensor the run loaded from a checkpoint
+    (``load_from`` or resume). A projector-only pretraining checkpoint is megabytes, not the
+    whole LLM. A later stage that freezes parts an earlier stage trained (ConvLLaVA's stage 3
+    freezes the stage-2 vision stages) still writes them, so the last stage's checkpoint is
+    complete on top of the pretrained towers. Loading fills the absent frozen tensors from
+    the freshly built model, so resuming and ``load_from`` see a complete state dict, and
+    only genuinely unexpected or missing keys are reported.
     """
 
     priority = 'VERY_LOW'
 
+    def __init__(self):
+        self.carried = set()  # keys that came in through a loaded checkpoint
+
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         model = _unwrap(runner.model)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        keep = {n for n, p in model.named_parameters() if p.requires_grad} | self.carried
         state = checkpoint['state_dict']
-        kept = {k: v for k, v in state.items() if k in trainable}
+        kept = {k: v for k, v in state.items() if k in keep}
         saved_mb = sum(v.numel() * v.element_size() for v in kept.values()) / 2**20
-        runner.logger.info(f'checkpoint keeps the {len(kept)} trainable of {len(state)} tensors '
-                           f'({saved_mb:.1f} MB); frozen weights come from the pretrained parts')
+        runner.logger.info(f'checkpoint keeps {len(kept)} of {len(state)} tensors ({saved_mb:.1f} '
+                           'MB: trainable + carried over); the frozen pretrained weights are left out')
         checkpoint['state_dict'] = kept
         checkpoint.setdefault('meta', {})['trainable_only'] = True
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         state = checkpoint.get('state_dict')
-        if state is None or not checkpoint.get('meta', {}).get('trainable_only'):
+        if state is None:
+            return
+        self.carried |= set(state)
+        if not checkpoint.get('meta', {}).get('trainable_only'):
             return
         for key, value in _unwrap(runner.model).state_dict().items():
             state.setdefault(key, value)
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush a checkpoint file, or every file of a DeepSpeed checkpoint folder, to disk."""
+    files = [path] if os.path.isfile(path) else [
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    for name in files:
+        with open(name, 'rb') as f:
+            os.fsync(f.fileno())
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@HOOKS.register_module()
+class AtomicCheckpointHook(CheckpointHook):
+    """MMEngine's ``CheckpointHook`` with crash-safe saving; same arguments.
+
+    A checkpoint is written as ``.iter_N.pth.partial`` in the work dir, fsynced and renamed
+    into place (``os.replace``); only then does ``last_checkpoint`` (what ``--resume auto``
+    reads, itself replaced atomically) name it, and only then are checkpoints beyond
+    ``max_keep_ckpts`` removed. A kill at any moment leaves the previous checkpoint named
+    and complete. (MMEngine removes the oldest checkpoint *before* saving the new one and
+    writes the file in place.) It refuses to save weights that are not finite.
+    """
+
+    def _check_finite(self, runner) -> None:
+        bad = [n for n, p in _unwrap(runner.model).named_parameters()
+               if p.requires_grad and not torch.isfinite(p.detach()).all()]
+        if bad:
+            raise RuntimeError(f'refusing to write a checkpoint: {len(bad)} trainable tensors '
+                               f'hold NaN/inf ({", ".join(bad[:3])}...); the last complete '
+                               f'checkpoint is still {self.last_ckpt or "none"}')
+
+    def _save_checkpoint_with_step(self, runner, step, meta):
+        self._check_finite(runner)
+        filename = self.filename_tmpl.format(step)
+        final = self.file_backend.join_path(self.out_dir, filename)
+        partial = self.file_backend.join_path(self.out_dir, f'.{filename}.partial')
+        outdated = []
+        if self.max_keep_ckpts > 0 and (not self.keep_ckpt_ids or self.keep_ckpt_ids[-1] != step):
+            if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
+                outdated.append(self.keep_ckpt_ids[0])
+            self.keep_ckpt_ids.append(step)  # a deque of maxlen max_keep_ckpts
+            # saved inside the checkpoint, so a resumed run knows which files to retire
+            runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
+        previous, self.last_ckpt = self.last_ckpt, final
+        runner.message_hub.update_info('last_ckpt', final)
+        if is_main_process():
+            _remove(partial)
+        runner.save_checkpoint(self.out_dir, os.path.basename(partial), self.file_client_args,
+                               save_optimizer=self.save_optimizer,
+                               save_param_scheduler=self.save_param_scheduler, meta=meta,
+                               by_epoch=self.by_epoch, backend_args=self.backend_args,
+                               **self.args)
+        barrier()  # every rank's shard of a DeepSpeed checkpoint is written
+        if not is_main_process():
+            return
+        _fsync_tree(partial)
+        _remove(final)
+        os.replace(partial, final)
+        _atomic_write_text(os.path.join(runner.work_dir, 'last_checkpoint'), final)
+        for old in outdated:
+            _remove(self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(old)))
+        runner.logger.info(f'saved {final} atomically (previous: {previous})')
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+@HOOKS.register_module()
+class ThroughputHook(Hook):
+    """Logs ``tokens_per_s`` and ``samples_per_s`` per process (and ``tflops_per_gpu`` on
+    CUDA) into the message hub, so they land in ``vis_data/scalars.json`` with the loss.
+
+    Tokens are the attended positions of the batch (``attention_mask`` sum: text and visual
+    tokens, no padding). Time is the wall clock between consecutive iterations, data loading
+    included. TFLOPs use the usual ``6 x parameters x tokens`` estimate (forward + backward;
+    attention and frozen parts' skipped weight gradients are ignored), so it is approximate.
+    """
+
+    priority = 'NORMAL'  # before LoggerHook (BELOW_NORMAL) writes the iteration's scalars
+
+    def __init__(self):
+        self._last = None
+        self._num_params = None
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        import time
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        import time
+
+        import torch
+
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        mask = data_batch.get('attention_mask') if isinstance(data_batch, dict) else None
+        if mask is None or seconds <= 0:
+            return
+        tokens, samples = float(mask.sum()), mask.shape[0]
+        hub = runner.message_hub
+        hub.update_scalar('train/tokens_per_s', tokens / seconds)
+        hub.update_scalar('train/samples_per_s', samples / seconds)
+        if torch.cuda.is_available():
+            if self._num_params is None:
+                self._num_params = sum(p.numel() for p in _unwrap(runner.model).parameters())
+            hub.update_scalar('train/tflops_per_gpu',
+                              6 * self._num_params * tokens / seconds / 1e12)

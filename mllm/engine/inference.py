@@ -1,13 +1,16 @@
-"""Loading a trained model and answering questions with it (the demo's evaluation)."""
+"""Loading a trained model and answering with it: the demo's evaluation, chat, eval."""
 import logging
 import pickle
+import sys
 from typing import Dict, List, Optional
 
 import torch
 from mmengine.logging import print_log
+from transformers import TextStreamer
 
 from mllm.datasets.collate import llava_collate
-from mllm.datasets.templates import build_generation_prompt
+from mllm.datasets.llava import expand_image_placeholder
+from mllm.datasets.templates import IGNORE_INDEX, build_generation_prompt
 
 
 def load_checkpoint_state(path: str) -> Dict[str, torch.Tensor]:
@@ -40,6 +43,19 @@ def load_model(cfg, checkpoint: Optional[str] = None):
     return model.eval()
 
 
+def last_answer_start(labels: torch.Tensor, where: str = 'the sample') -> int:
+    """Where the last answer begins in a training encoding: the tokens before it are the
+    generation prompt (the templates guarantee that prefix equals
+    ``build_generation_prompt``)."""
+    labelled = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+    if not labelled:
+        raise ValueError(f'{where}: no answer tokens left (truncated by max_length?)')
+    start = labelled[-1]
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
+
+
 @torch.no_grad()
 def answer_questions(model, dataset, indices: Optional[List[int]] = None,
                      batch_size: int = 32, max_new_tokens: int = 8) -> List[str]:
@@ -52,11 +68,8 @@ def answer_questions(model, dataset, indices: Optional[List[int]] = None,
     for start in range(0, len(indices), batch_size):
         items = []
         for index in indices[start:start + batch_size]:
-            item = dataset[index]  # images exactly as training sees them
-            conversations = dataset.samples[index]['conversations']
-            num_tokens = int((item['input_ids'] == -200).sum())
-            prompt = build_generation_prompt(conversations[:-1], tokenizer, template,
-                                             num_image_tokens=num_tokens)
+            item = dataset[index]  # text and images exactly as training sees them
+            prompt = item['input_ids'][:last_answer_start(item['labels'], dataset.describe(index))]
             items.append(dict(input_ids=prompt, pixel_values=item['pixel_values']))
         batch = llava_collate(items, pad_token_id=tokenizer.pad_token_id, padding_side='left')
         new_tokens = model.generate(batch['input_ids'], attention_mask=batch['attention_mask'],
@@ -65,3 +78,96 @@ def answer_questions(model, dataset, indices: Optional[List[int]] = None,
                                     pad_token_id=tokenizer.pad_token_id)
         answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return answers
+
+
+# ------------------------------------------------------------------ chat: one prompt code path
+
+def load_for_inference(model: str, checkpoint: Optional[str] = None,
+                       cfg_options: Optional[dict] = None):
+    """``(model, tokenizer, image_processor, template)`` from an exported folder or from a
+    training config plus its checkpoint, as the training data used them."""
+    import os
+
+    from mllm.datasets.templates import get_template
+    from mllm.engine.config import load_config
+    from mllm.engine.export import MLLM_CONFIG, inference_settings, load_pretrained
+    from mllm.models.llms import build_tokenizer
+    from mllm.registry import TRANSFORMS
+
+    if os.path.isdir(model):
+        if checkpoint:
+            raise ValueError(f'{model} is an exported folder; --checkpoint is for a config')
+        if not os.path.isfile(os.path.join(model, MLLM_CONFIG)):
+            raise FileNotFoundError(f'{model} is a folder without {MLLM_CONFIG}: expected an '
+                                    'exported model (`mllm convert pth-to-hf`) or a config file')
+        return load_pretrained(model)
+    if not checkpoint:
+        raise ValueError(f'MODEL {model!r} is not an exported folder, so it must be a config '
+                         'and --checkpoint PATH (an iter_N.pth of its training) is needed')
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    cfg = load_config(model, cfg_options)
+    tokenizer_cfg, template, processor_cfg = inference_settings(cfg)
+    return (load_model(cfg, checkpoint), build_tokenizer(tokenizer_cfg),
+            TRANSFORMS.build(processor_cfg), get_template(template))
+
+
+def load_image(path: str):
+    """An RGB PIL image, with clear errors for a missing or undecodable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except FileNotFoundError:
+        raise FileNotFoundError(f'image not found: {path}') from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f'cannot decode image {path} ({err}); expected PNG, JPEG, ...') from None
+
+
+def prompt_inputs(conversations: List[dict], tokenizer, template, image_processor,
+                  image=None) -> dict:
+    """A batch of one for ``model.generate``: the prompt for a conversation ending with a
+    human turn, its image processed as the dataset does, collated as in training."""
+    pixel_values, num_tokens = None, 0
+    if image is not None:
+        pixel_values = image_processor(image)
+        num_tokens = image_processor.num_visual_tokens(image.size)
+        conversations = expand_image_placeholder(conversations, image_processor, image.size)
+    ids = build_generation_prompt(conversations, tokenizer, template, num_image_tokens=num_tokens)
+    return llava_collate([dict(input_ids=ids, pixel_values=pixel_values)],
+                         pad_token_id=tokenizer.pad_token_id, padding_side='left')
+
+
+def stop_token_ids(tokenizer, template) -> int:
+    """The id that ends an answer: the template's end-of-turn token, or eos."""
+    return (tokenizer.convert_tokens_to_ids(template.end) if template.end
+            else tokenizer.eos_token_id)
+
+
+class StreamWriter(TextStreamer):
+    """transformers' TextStreamer writing to any text stream (stdout by default)."""
+
+    def __init__(self, tokenizer, stream=None):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream or sys.stdout
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        self.stream.write(text + ('\n' if stream_end else ''))
+        self.stream.flush()
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, template, batch: dict, max_new_tokens: int = 256,
+                   temperature: float = 0.0, stream=None) -> str:
+    """Answer of a batch of one from ``prompt_inputs``; greedy unless ``temperature`` > 0.
+    With ``stream`` (a text file), the answer is written there token by token."""
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+                if temperature > 0 else dict(do_sample=False))
+    if stream is not None:
+        sampling['streamer'] = StreamWriter(tokenizer, stream)
+    new_tokens = model.generate(batch['input_ids'], attention_mask=batch['attention_mask'],
+                                pixel_values=batch['pixel_values'], max_new_tokens=max_new_tokens,
+                                eos_token_id=stop_token_ids(tokenizer, template),
+                                pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(new_tokens[0], skip_special_tokens=True).strip()

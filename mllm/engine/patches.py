@@ -60,7 +60,24 @@ def cpu_distributed(cfg, launcher: str) -> None:
         cfg['model_wrapper_cfg'] = wrapper
 
 
+def skip_nonfinite_steps(cfg) -> None:
+    """MMEngine steps the optimizer on a NaN/inf loss and writes NaN weights. With
+    ``nonfinite_loss=dict(max_consecutive=K)`` in the config, use the optimizer wrappers
+    of ``mllm.engine.optim_wrappers`` that skip such steps and stop after K in a row.
+    DeepSpeed's wrapper is left alone (not covered yet)."""
+    from mllm.engine import optim_wrappers  # registers the wrappers
+
+    options, optim = cfg.get('nonfinite_loss'), cfg.get('optim_wrapper')
+    swaps = {'OptimWrapper': optim_wrappers.SkipNonFiniteOptimWrapper.__name__,
+             'AmpOptimWrapper': optim_wrappers.SkipNonFiniteAmpOptimWrapper.__name__}
+    if not options or not optim or optim.get('type', 'OptimWrapper') not in swaps:
+        return
+    optim['type'] = 'mllm.' + swaps[optim.get('type', 'OptimWrapper')]
+    optim['max_consecutive'] = options.get('max_consecutive', 5)
+
+
 def apply_all(cfg, launcher: str = 'none') -> None:
     patch_checkpoint_loading()
     cpu_optim_wrapper(cfg)
     cpu_distributed(cfg, launcher)
+    skip_nonfinite_steps(cfg)

@@ -79,18 +79,28 @@ class LLaVAModel(BaseModel):
         together.
         """
         if isinstance(pixel_values, torch.Tensor):
-            feats = self.projector(self.vision_encoder(pixel_values))  # (B_img, N, C)
-            return feats.flatten(0, 1)
+            return self._encode_same_shape(pixel_values).flatten(0, 1)
         by_shape = {}
         for i, image in enumerate(pixel_values):
             by_shape.setdefault(tuple(image.shape), []).append(i)
         per_image = [None] * len(pixel_values)
         for indices in by_shape.values():
-            feats = self.projector(self.vision_encoder(
-                torch.stack([pixel_values[i] for i in indices])))  # (n, N, C)
+            feats = self._encode_same_shape(torch.stack([pixel_values[i] for i in indices]))
             for i, f in zip(indices, feats):
                 per_image[i] = f
         return torch.cat(per_image)
+
+    def _encode_same_shape(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, C_llm); the projector gets the feature grid (h, w)."""
+        feature_grid = getattr(self.vision_encoder, 'feature_grid', None)
+        grid = feature_grid(pixel_values.shape[:-3:-1]) if feature_grid else None  # (W, H) in
+        return self.projector(self.vision_encoder(pixel_values), grid_size=grid)
+
+    def num_visual_tokens(self, unit_size) -> int:
+        """Tokens the LLM sees for one image tensor of ``unit_size`` = (W, H): a resampler's
+        query count, else the encoder's token count."""
+        return (getattr(self.projector, 'num_queries', None) or
+                self.vision_encoder.num_visual_tokens(unit_size))
 
     def embed_inputs(self, input_ids: torch.Tensor,
                      pixel_values: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None

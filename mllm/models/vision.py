@@ -60,6 +60,11 @@ class CLIPVisionEncoder(nn.Module):
     def patch_size(self) -> int:
         return self.model.config.patch_size
 
+    def feature_grid(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+        """(h, w) patch grid for an input of ``image_size`` = (W, H) pixels."""
+        w, h = image_size
+        return (h // self.patch_size, w // self.patch_size)
+
     def num_visual_tokens(self, image_size: Tuple[int, int]) -> int:
         """Tokens for an input tensor of ``image_size`` = (W, H) pixels."""
         w, h = image_size

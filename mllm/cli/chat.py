@@ -1,0 +1,62 @@
+"""``mllm chat MODEL --image PATH``: talk to a trained model about an image.
+
+MODEL is an exported folder (``mllm convert pth-to-hf``) or a training config with
+``--checkpoint``. With ``--prompt`` it answers once; otherwise it reads questions from stdin
+(one per line, multi-turn; an empty line, ``exit`` or end of input stops). Answers are
+streamed. The prompt is built by the training code path (``build_generation_prompt``, the
+dataset's image processor), so chat sees exactly the token layout the model trained on.
+"""
+import sys
+
+from mmengine.config import DictAction
+
+
+def add_arguments(parser):
+    parser.add_argument('model', help='exported folder, or a config (then --checkpoint)')
+    parser.add_argument('--checkpoint', help='iter_N.pth of the config\'s training')
+    parser.add_argument('--image', required=True, help='image file (PNG, JPEG, ...)')
+    parser.add_argument('--prompt', help='answer this one question and exit')
+    parser.add_argument('--max-new-tokens', type=int, default=256)
+    parser.add_argument('--temperature', type=float, default=0.0,
+                        help='0 decodes greedily (default); > 0 samples')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help='overrides for a config MODEL: key=value ...')
+
+
+def _questions(args):
+    if args.prompt is not None:
+        yield args.prompt
+        return
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print('USER: ', end='', file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ('', 'exit', 'quit'):
+            return
+        yield line.strip()
+
+
+def run(args) -> int:
+    from mllm.datasets.templates import IMAGE_TOKEN
+    from mllm.engine.inference import (generate_reply, load_for_inference, load_image,
+                                       prompt_inputs)
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f'--max-new-tokens must be >= 1, got {args.max_new_tokens}')
+    if args.temperature < 0:
+        raise ValueError(f'--temperature must be >= 0, got {args.temperature}')
+    image = load_image(args.image)  # fail on a bad image before loading the model
+    model, tokenizer, image_processor, template = load_for_inference(
+        args.model, args.checkpoint, args.cfg_options)
+    conversation = []
+    for question in _questions(args):
+        # the image goes into the first turn, as in LLaVA's training data
+        text = question if conversation else f'{IMAGE_TOKEN}\n{question}'
+        conversation.append({'from': 'human', 'value': text})
+        batch = prompt_inputs(conversation, tokenizer, template, image_processor, image)
+        print('ASSISTANT: ', end='', flush=True)
+        answer = generate_reply(model, tokenizer, template, batch, args.max_new_tokens,
+                                args.temperature, stream=sys.stdout)
+        conversation.append({'from': 'gpt', 'value': answer})
+    return 0

@@ -1,0 +1,301 @@
+"""Export a trained model to a self-contained folder and load it back without the config.
+
+``export_pretrained`` writes (``mllm convert pth-to-hf``)::
+
+    OUT_DIR/
+      mllm_config.json         model build config (paths relative to OUT_DIR), template name,
+                               image-processor settings, which safetensors hold which part
+      llm/                     the LLM, ``save_pretrained`` (LoRA merged), loadable by transformers
+      llm_adapter/             only with keep_adapter: the peft adapter (llm/ is then the base LLM)
+      vision_encoder/          the HF part of the vision encoder, ``save_pretrained``
+      projector.safetensors    every other child module (projector, fusion, resampler, ...) and
+                               any non-HF weights of the vision encoder
+      tokenizer/               tokenizer files
+
+``load_pretrained(OUT_DIR)`` returns ``(model, tokenizer, image_processor, template)``.
+``export_llava_hf`` writes transformers' own ``LlavaForConditionalGeneration`` layout for
+the plain LLaVA architecture (CLIP + 2-layer MLP projector).
+"""
+import inspect
+import json
+import os
+from typing import Optional, Tuple
+
+MLLM_CONFIG = 'mllm_config.json'
+FORMAT_VERSION = 1
+LLM_DIR, ADAPTER_DIR, TOKENIZER_DIR = 'llm', 'llm_adapter', 'tokenizer'
+
+
+def inference_settings(cfg) -> Tuple[dict, str, dict]:
+    """(tokenizer cfg, template name, image-processor cfg) as the training data used them.
+
+    The dataset's own values win over the top-level keys (a pretraining recipe trains
+    with 'plain' whatever the LLM base's chat template is).
+    """
+    loader = cfg.get('train_dataloader') or {}
+    dataset = loader.get('dataset') or {}
+    if dataset.get('type') == 'ConcatDataset':
+        dataset = (dataset.get('datasets') or [{}])[0]
+    settings = [dataset.get(key) or cfg.get(key)
+                for key in ('tokenizer', 'template', 'image_processor')]
+    missing = [k for k, v in zip(('tokenizer', 'template', 'image_processor'), settings) if not v]
+    if missing:
+        raise ValueError(f'the config sets no {missing} (neither top-level nor in '
+                         'train_dataloader.dataset); the model cannot be prompted without them')
+    tokenizer, template, processor = settings
+    template = getattr(template, 'name', template)  # a ChatTemplate instance or its name
+    return _plain(tokenizer), template, _plain(processor)
+
+
+def _plain(value):
+    """ConfigDicts, tuples and nested values as JSON-ready dicts and lists."""
+    if hasattr(value, 'to_dict'):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_peft(module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(module, PeftModel)
+
+
+def _save_llm(model, model_cfg: dict, out_dir: str, keep_adapter: bool) -> None:
+    """LLM -> ``llm/`` (LoRA merged into ``model.llm`` in place), or base + ``llm_adapter/``."""
+    llm = model.llm
+    if _is_peft(llm) and keep_adapter:
+        llm.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))  # adapter weights + config only
+        base = llm.get_base_model()
+        # the base weights without the adapters: LoRA-wrapped linears keep theirs in base_layer
+        state = {k.replace('.base_layer.', '.'): v for k, v in base.state_dict().items()
+                 if 'lora_' not in k}
+        base.save_pretrained(os.path.join(out_dir, LLM_DIR), state_dict=state)
+    else:
+        if _is_peft(llm):
+            # NOTE: merging is exact math (W + s·BA) but changes model.llm; the merged LLM
+            # replaces it, so the model stays valid and computes the same function.
+            llm = model.llm = llm.merge_and_unload()
+            model_cfg['lora'] = None
+        llm.save_pretrained(os.path.join(out_dir, LLM_DIR))
+    llm_cfg = model_cfg['llm']
+    llm_cfg.pop('config', None)
+    llm_cfg.update(pretrained=LLM_DIR, load_weights=True, quantization=None)
+
+
+def _save_part(name: str, child, part_cfg: Optional[dict], out_dir: str) -> Optional[str]:
+    """One non-LLM child: its HF model (``child.model``) with ``save_pretrained`` when its
+    config follows the ``pretrained``/``config`` convention, everything else as safetensors."""
+    from safetensors.torch import save_file
+    from transformers import PreTrainedModel
+
+    state = child.state_dict()
+    hf_model = getattr(child, 'model', None)
+    if (isinstance(hf_model, PreTrainedModel) and part_cfg is not None
+            and ('pretrained' in part_cfg or 'config' in part_cfg)):
+        hf_model.save_pretrained(os.path.join(out_dir, name))
+        part_cfg.pop('config', None)
+        part_cfg.update(pretrained=name, load_weights=True)
+        state = {k: v for k, v in state.items() if not k.startswith('model.')}
+    if not state:
+        return None
+    filename = f'{name}.safetensors'
+    save_file({k: v.detach().contiguous() for k, v in state.items()},
+              os.path.join(out_dir, filename))
+    return filename
+
+
+def export_pretrained(cfg, out_dir: str, checkpoint: Optional[str] = None, model=None,
+                      keep_adapter: bool = False, overwrite: bool = False) -> str:
+    """Write the self-contained folder described in the module docstring.
+
+    Args:
+        cfg: the training config (loaded with ``load_config``).
+        out_dir: output folder; must be empty or absent unless ``overwrite``.
+        checkpoint: ``iter_N.pth`` to load when ``model`` is None.
+        model: an already built and loaded model. With LoRA and not ``keep_adapter``,
+            its ``llm`` is replaced by the merged LLM (same outputs).
+        keep_adapter: keep the LoRA adapter apart (``llm_adapter/``) instead of merging.
+        overwrite: write into a non-empty ``out_dir``. Defaults to False.
+
+    Returns:
+        str: ``out_dir``.
+    """
+    from mllm.engine.inference import load_model
+    from mllm.models.llms import build_tokenizer
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f'{out_dir} exists and is not empty (choose another OUT_DIR)')
+    tokenizer_cfg, template, processor_cfg = inference_settings(cfg)
+    tokenizer = build_tokenizer(tokenizer_cfg)
+    model = load_model(cfg, checkpoint) if model is None else model
+    os.makedirs(out_dir, exist_ok=True)
+    model_cfg = _plain(cfg.model)
+    model_cfg['gradient_checkpointing'] = False
+    # parts the config leaves to the model's defaults are written out, so a later change of
+    # a default cannot change what an exported folder builds
+    defaults = inspect.signature(type(model).__init__).parameters
+    for name, _ in model.named_children():
+        if name not in model_cfg and name in defaults and isinstance(defaults[name].default, dict):
+            model_cfg[name] = dict(defaults[name].default)
+    _save_llm(model, model_cfg, out_dir, keep_adapter)
+    weights = {}
+    for name, child in model.named_children():
+        if name != 'llm' and (filename := _save_part(name, child, model_cfg.get(name), out_dir)):
+            weights[name] = filename
+    tokenizer.save_pretrained(os.path.join(out_dir, TOKENIZER_DIR))
+    meta = dict(format_version=FORMAT_VERSION, model=model_cfg, weights=weights,
+                tokenizer=dict(pretrained=TOKENIZER_DIR), template=template,
+                image_processor=processor_cfg)
+    with open(os.path.join(out_dir, MLLM_CONFIG), 'w') as f:
+        json.dump(meta, f, indent=2)
+    return out_dir
+
+
+def read_export_config(out_dir: str) -> dict:
+    """``mllm_config.json`` of an exported folder, with a clear error if it is not one."""
+    path = os.path.join(out_dir, MLLM_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{out_dir} is not an exported model folder (no {MLLM_CONFIG}; '
+                                'create one with `mllm convert pth-to-hf CONFIG CHECKPOINT OUT_DIR`)')
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get('format_version') != FORMAT_VERSION:
+        raise ValueError(f'{path}: format_version {meta.get("format_version")!r} is not '
+                         f'{FORMAT_VERSION}; re-export it with this version of mllm')
+    return meta
+
+
+def _inside(out_dir: str, part: dict) -> dict:
+    """A part config whose relative ``pretrained`` path is resolved against ``out_dir``."""
+    pretrained = part.get('pretrained')
+    if isinstance(pretrained, str) and not os.path.isabs(pretrained):
+        part = dict(part, pretrained=os.path.join(out_dir, pretrained))
+    return part
+
+
+def load_pretrained(out_dir: str):
+    """Load an exported folder: ``(model, tokenizer, image_processor, template)``.
+
+    The model is in eval mode on the CPU; no training config is needed::
+
+        model, tokenizer, image_processor, template = load_pretrained('exports/tiny')
+    """
+    from safetensors.torch import load_file
+
+    from mllm.datasets.templates import get_template
+    from mllm.models.llms import build_tokenizer
+    from mllm.registry import MODELS, TRANSFORMS
+
+    meta = read_export_config(out_dir)
+    model_cfg = {k: _inside(out_dir, v) if isinstance(v, dict) else v
+                 for k, v in meta['model'].items()}
+    model = MODELS.build(model_cfg)
+    adapter = os.path.join(out_dir, ADAPTER_DIR)
+    if os.path.isdir(adapter):
+        from peft import load_peft_weights, set_peft_model_state_dict
+        result = set_peft_model_state_dict(model.llm, load_peft_weights(adapter))
+        if result.unexpected_keys:
+            raise ValueError(f'{adapter} does not fit the LoRA config: unexpected '
+                             f'{result.unexpected_keys[:5]}')
+    for name, filename in meta['weights'].items():
+        child = model.get_submodule(name)
+        result = child.load_state_dict(load_file(os.path.join(out_dir, filename)), strict=False)
+        # keys under `model.` came from the part's save_pretrained folder
+        missing = [k for k in result.missing_keys if not k.startswith('model.')]
+        if missing or result.unexpected_keys:
+            raise ValueError(f'{os.path.join(out_dir, filename)} does not fit {name}: missing '
+                             f'{missing[:5]}, unexpected {result.unexpected_keys[:5]}')
+    tokenizer = build_tokenizer(_inside(out_dir, meta['tokenizer']))
+    image_processor = TRANSFORMS.build(meta['image_processor'])
+    return model.eval(), tokenizer, image_processor, get_template(meta['template'])
+
+
+# ------------------------------------------------------------------ transformers' LLaVA layout
+
+IMAGE_TOKEN_TEXT = '<image>'
+
+
+def llava_hf_state_dict(model) -> dict:
+    """Our state dict under ``LlavaForConditionalGeneration`` names."""
+    prefixes = (('vision_encoder.model.', 'vision_tower.'),
+                ('projector.', 'multi_modal_projector.'), ('llm.', 'language_model.'))
+    state = {}
+    for key, value in model.state_dict().items():
+        for ours, theirs in prefixes:
+            if key.startswith(ours):
+                state[theirs + key[len(ours):]] = value
+                break
+        else:
+            raise ValueError(f'{key} has no place in the transformers LLaVA layout')
+    return state
+
+
+def _check_plain_llava(model) -> None:
+    from mllm.models.projectors import MLPProjector
+    from mllm.models.vision import CLIPVisionEncoder
+
+    problems = []
+    if not isinstance(model.vision_encoder, CLIPVisionEncoder):
+        problems.append(f'the vision encoder is {type(model.vision_encoder).__name__}, not CLIP')
+    if not isinstance(model.projector, MLPProjector) or model.projector.depth != 2:
+        problems.append('the projector is not a 2-layer MLP (mlp2x_gelu)')
+    extra = {n for n, child in model.named_children() if child.state_dict()} - {
+        'vision_encoder', 'projector', 'llm'}
+    if extra:
+        problems.append(f'it has parts transformers LLaVA lacks: {sorted(extra)}')
+    if _is_peft(model.llm):
+        problems.append('the LLM still has LoRA adapters (merge them first)')
+    if problems:
+        raise ValueError('--format llava_hf needs the plain LLaVA architecture (CLIP + '
+                         'mlp2x_gelu): ' + '; '.join(problems) + '. Use --format mllm.')
+
+
+def export_llava_hf(model, tokenizer, image_processor, out_dir: str):
+    """Write ``LlavaForConditionalGeneration`` + tokenizer + ``LlavaProcessor`` to ``out_dir``.
+
+    The HF model marks image positions with a vocabulary token, not our -200 sentinel:
+    ``<image>`` is added to the tokenizer if missing and the embeddings are resized when
+    its id falls outside them. ``tokenizer`` is changed in place.
+
+    NOTE: transformers' CLIPImageProcessor resizes and centre-crops; LLaVA-1.5 pads to a
+    square first. Pixel values equal ours only for square images (as for every HF LLaVA).
+
+    Returns:
+        The ``LlavaForConditionalGeneration`` (its ``config.image_token_index`` is the id).
+    """
+    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+    from transformers.modeling_utils import no_init_weights
+
+    _check_plain_llava(model)
+    if IMAGE_TOKEN_TEXT not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN_TEXT], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_TEXT)
+    vision = model.vision_encoder
+    size = image_processor.size
+    config = LlavaConfig(
+        vision_config=vision.model.config.to_dict(), text_config=model.llm.config.to_dict(),
+        image_token_index=image_token_id, projector_hidden_act='gelu',
+        vision_feature_layer=vision.select_layer,
+        vision_feature_select_strategy='default' if vision.select_feature == 'patch' else 'full',
+        image_seq_length=vision.num_visual_tokens((size, size)))
+    with no_init_weights():
+        hf_model = LlavaForConditionalGeneration(config)
+    hf_model.load_state_dict(llava_hf_state_dict(model), strict=True)
+    if image_token_id >= hf_model.get_input_embeddings().num_embeddings:
+        hf_model.resize_token_embeddings(image_token_id + 1)
+    hf_model.eval().save_pretrained(out_dir)
+    processor = CLIPImageProcessor(
+        size={'shortest_edge': size}, crop_size={'height': size, 'width': size},
+        image_mean=image_processor.mean.flatten().tolist(),
+        image_std=image_processor.std.flatten().tolist())
+    LlavaProcessor(image_processor=processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+                   vision_feature_select_strategy=config.vision_feature_select_strategy,
+                   image_token=IMAGE_TOKEN_TEXT).save_pretrained(out_dir)
+    return hf_model

@@ -1,0 +1,260 @@
+"""Reliability: resume that jumps to the data position (bit-exact), atomic checkpoints and
+retention, non-finite steps skipped, bad samples skipped or fatal (issue 7)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mllm.engine.config import CONFIG_ROOT
+
+REPO = os.path.dirname(CONFIG_ROOT)
+TINY = os.path.join(CONFIG_ROOT, 'tiny', 'tiny_llava_synthetic.py')
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+    from mllm.datasets.synthetic import generate_synthetic_vqa
+    return generate_synthetic_vqa(str(tmp_path_factory.mktemp('synthetic')), num_train=48,
+                                  num_val=8)
+
+
+def run_mllm(*args, env=None, pre=''):
+    """`python -m mllm ...`; ``pre`` is Python run first in the same process (fault injection)."""
+    code = f'{pre}\nimport sys\nfrom mllm.cli import main\nsys.exit(main(sys.argv[1:]))'
+    return subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def train(work_dir, synthetic, *extra, iters, config=TINY, options=(), env=None, pre=''):
+    """The tiny config on 48 samples, batch 12: 4 iterations per epoch."""
+    return run_mllm('train', config, '--work-dir', str(work_dir), *extra, '--cfg-options',
+                    f'train_cfg.max_iters={iters}', 'default_hooks.logger.interval=1',
+                    'default_hooks.checkpoint.interval=2', 'train_dataloader.batch_size=12',
+                    f'train_dataloader.dataset.data_path={synthetic["train"]}',
+                    f'train_dataloader.dataset.image_folder={synthetic["image_folder"]}',
+                    f'tokenizer.pretrained={synthetic["tokenizer"]}', *options, env=env, pre=pre)
+
+
+def losses(work_dir):
+    values = []
+    for path in sorted(glob.glob(os.path.join(str(work_dir), '*', 'vis_data', 'scalars.json'))):
+        with open(path) as f:
+            values += [json.loads(line)['loss'] for line in f if '"loss"' in line]
+    return values
+
+
+def state(path):
+    return torch.load(path, weights_only=False)
+
+
+# ---------------------------------------------------------------- resume without replay
+
+class Indices(Dataset):
+    def __init__(self, n):
+        self.n, self.loaded = n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.loaded.append(i)
+        return i
+
+
+@pytest.mark.parametrize('sampler', ['DefaultSampler', 'LengthGroupedSampler'])
+def test_seek_dataloader_gives_the_uninterrupted_order_without_loading(sampler, monkeypatch):
+    from mmengine.dataset import DefaultSampler
+    from mmengine.runner import loops as mmengine_loops
+    from xtuner.dataset.samplers import LengthGroupedSampler
+
+    from mllm.engine.loops import seek_dataloader
+    monkeypatch.setattr(mmengine_loops.time, 'sleep', lambda s: None)  # epoch-change pause
+
+    def loader():
+        data = Indices(10)
+        if sampler == 'DefaultSampler':
+            s = DefaultSampler(data, shuffle=True, seed=3)
+        else:
+            data.modality_length = [(-1) ** i * (i + 1) for i in range(10)]
+            s = LengthGroupedSampler(data, per_device_batch_size=3, seed=3,
+                                     length_property='modality_length')
+        return DataLoader(data, batch_size=3, sampler=s), data
+
+    reference = mmengine_loops._InfiniteDataloaderIterator(loader()[0])
+    order = [next(reference).tolist() for _ in range(14)]  # 4 batches per epoch, 3.5 epochs
+    assert order[:4] != order[4:8]  # epochs are reshuffled
+    for position in (1, 4, 6, 9, 13):
+        dataloader, data = loader()
+        iterator = seek_dataloader(dataloader, position)
+        assert [next(iterator).tolist() for _ in range(14 - position)] == order[position:]
+        # only the batches actually returned were loaded, none of the skipped ones
+        assert len(data.loaded) == sum(len(b) for b in order[position:])
+
+
+def test_kill_during_save_then_resume_auto_is_bit_exact(tmp_path, synthetic):
+    """SIGKILL-like exit in the middle of writing iter_6 (2 epochs of 4 batches in all):
+    the previous checkpoint stays named and complete, `--resume auto` takes it, jumps to
+    the data position (no replay) and reproduces the uninterrupted curve bit for bit;
+    retention keeps the last two checkpoints."""
+    full, split = tmp_path / 'full', tmp_path / 'split'
+    options = ['default_hooks.checkpoint.max_keep_ckpts=2']
+    result = train(full, synthetic, iters=8, options=options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (full / 'iter_4.pth').exists()  # retention: the last two only
+    assert (full / 'iter_6.pth').exists() and (full / 'iter_8.pth').exists()
+
+    kill_third_save = '''
+import os
+from mmengine.fileio.backends import LocalBackend
+put, saves = LocalBackend.put, []
+def dying_put(self, obj, filepath):
+    saves.append(filepath)
+    if len(saves) == 3:  # half of iter_6 reaches the disk, then the process dies
+        with open(filepath, 'wb') as f:
+            f.write(obj[:len(obj) // 2])
+        os._exit(137)
+    return put(self, obj, filepath)
+LocalBackend.put = dying_put
+'''
+    killed = train(split, synthetic, iters=8, options=options, pre=kill_third_save)
+    assert killed.returncode == 137
+    assert (split / 'last_checkpoint').read_text() == str(split / 'iter_4.pth')
+    assert (split / '.iter_6.pth.partial').exists() and not (split / 'iter_6.pth').exists()
+    assert state(split / 'iter_4.pth')['meta']['iter'] == 4  # complete and loadable
+
+    resumed = train(split, synthetic, '--resume', 'auto', iters=8, options=options)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert 'data position set to iter 4 (epoch 1, batch 0 of 4)' in log
+    assert 'Advance dataloader' not in log  # MMEngine's replay is gone
+    full_losses = losses(full)
+    assert len(full_losses) == 8 and losses(split) == full_losses[:6] + full_losses[4:]
+    assert sorted(p.name for p in split.glob('*.pth*')) == ['iter_6.pth', 'iter_8.pth']
+    a, b = state(full / 'iter_8.pth'), state(split / 'iter_8.pth')
+    assert a['state_dict'].keys() == b['state_dict'].keys()
+    assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict'])
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_is_bit_exact(tmp_path, synthetic):
+    """Resume at iter 6 = epoch 1, batch 2: the sampler epoch and start offset both matter."""
+    full, split = tmp_path / 'full', tmp_path / 'split'
+    assert train(full, synthetic, iters=10).returncode == 0
+    assert train(split, synthetic, iters=6).returncode == 0
+    resumed = train(split, synthetic, '--resume', 'auto', iters=10)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'data position set to iter 6 (epoch 1, batch 2 of 4)' in resumed.stdout + resumed.stderr
+    assert losses(split) == losses(full)
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+NAN_MODEL = '''
+from mllm.models.llava import LLaVAModel
+from mllm.registry import MODELS
+
+
+@MODELS.register_module()
+class NaNOnStepsLLaVA(LLaVAModel):
+    """Test-only: the loss is NaN on the given (1-based) training steps."""
+
+    def __init__(self, nan_steps=(), **kwargs):
+        super().__init__(**kwargs)
+        self.nan_steps, self.calls = set(nan_steps), 0
+
+    def forward(self, *args, mode='loss', **kwargs):
+        out = super().forward(*args, mode=mode, **kwargs)
+        if mode == 'loss':
+            self.calls += 1
+            if self.calls in self.nan_steps:
+                out['loss'] = out['loss'] * float('nan')
+        return out
+'''
+
+
+def nan_config(tmp_path, nan_steps):
+    (tmp_path / 'nan_model.py').write_text(NAN_MODEL)
+    path = tmp_path / 'nan_config.py'
+    path.write_text(f"_base_ = ['{TINY}']\ncustom_imports = dict(imports=['nan_model'])\n"
+                    f"model = dict(type='NaNOnStepsLLaVA', nan_steps={list(nan_steps)})\n")
+    return str(path), {'PYTHONPATH': str(tmp_path)}
+
+
+def test_nonfinite_loss_skips_the_step_then_stops_after_k_in_a_row(tmp_path, synthetic):
+    config, env = nan_config(tmp_path, nan_steps=[2, 4, 5])
+    options = ['default_hooks.checkpoint.interval=1', 'default_hooks.checkpoint.max_keep_ckpts=9',
+               'nonfinite_loss.max_consecutive=2']
+    result = train(tmp_path / 'w', synthetic, iters=6, config=config, options=options, env=env)
+    log = result.stdout + result.stderr
+    # step 2 skipped: weights and optimizer state exactly as after step 1
+    s1, s2, s3 = (state(tmp_path / 'w' / f'iter_{i}.pth') for i in (1, 2, 3))
+    assert all(torch.equal(s1['state_dict'][k], s2['state_dict'][k]) for k in s1['state_dict'])
+    assert s1['optimizer']['state'][0]['step'] == s2['optimizer']['state'][0]['step'] == 1
+    assert not all(torch.equal(s2['state_dict'][k], s3['state_dict'][k]) for k in s2['state_dict'])
+    assert 'non-finite loss nan: optimizer step skipped' in log
+    # steps 4 and 5 in a row: stop with a clear error, nothing written for them
+    assert result.returncode != 0
+    assert '2 consecutive optimizer steps had a non-finite loss' in result.stderr
+    assert not (tmp_path / 'w' / 'iter_5.pth').exists()
+    for path in glob.glob(str(tmp_path / 'w' / 'iter_*.pth')):
+        weights = state(path)['state_dict'].values()
+        assert all(torch.isfinite(w).all() for w in weights)
+
+
+@pytest.mark.slow
+def test_nan_weights_are_never_checkpointed(tmp_path, synthetic):
+    """With the skipping turned off, NaN weights reach the save, which refuses them."""
+    config, env = nan_config(tmp_path, nan_steps=[2])
+    result = train(tmp_path / 'w', synthetic, iters=2, config=config, env=env,
+                   options=['default_hooks.checkpoint.interval=1', 'nonfinite_loss=None'])
+    assert result.returncode != 0 and 'refusing to write a checkpoint' in result.stderr
+    assert (tmp_path / 'w' / 'last_checkpoint').read_text().endswith('iter_1.pth')
+    assert not (tmp_path / 'w' / 'iter_2.pth').exists()
+
+
+# ---------------------------------------------------------------- bad samples
+
+def data_with_deleted_images(tmp_path, synthetic, bad):
+    with open(synthetic['train']) as f:
+        samples = json.load(f)
+    for i in bad:
+        samples[i]['image'] = 'train/deleted.png'
+    path = tmp_path / 'bad.json'
+    path.write_text(json.dumps(samples))
+    return str(path)
+
+
+def test_bad_sample_policy_skip_through_the_cli(tmp_path, synthetic):
+    path = data_with_deleted_images(tmp_path, synthetic, bad=[5])
+    result = train(tmp_path / 'w', synthetic, iters=4, options=[
+        f'train_dataloader.dataset.data_path={path}',
+        'train_dataloader.dataset.bad_sample_policy=skip',
+        'train_dataloader.dataset.max_skipped_ratio=0.05'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert 'skipped a bad sample (1 so far, stop above 2.4)' in log
+    assert 'index 5 (id train_000005): image not found' in log
+    assert len(losses(tmp_path / 'w')) == 4
+
+
+def test_bad_sample_policy_threshold_and_default_error(tmp_path, synthetic):
+    from mllm.datasets.llava import DataError, LLaVADataset
+    path = data_with_deleted_images(tmp_path, synthetic, bad=[3, 4])
+    kwargs = dict(data_path=path, image_folder=synthetic['image_folder'],
+                  tokenizer=dict(pretrained=synthetic['tokenizer']), template='vicuna_v1',
+                  image_processor=dict(type='LLaVAImageProcessor', size=64, token_stride=8))
+    with pytest.raises(DataError, match=r'index 3 \(id train_000003\): image not found'):
+        LLaVADataset(**kwargs)[3]  # default policy: stop, naming the sample
+    skip = LLaVADataset(**kwargs, bad_sample_policy='skip', max_skipped_ratio=0.05)
+    assert skip[3]['index'] == 5  # the next readable sample stands in
+    assert skip.skipped == {3, 4}  # 2 of 48 <= 2.4
+    strict = LLaVADataset(**kwargs, bad_sample_policy='skip', max_skipped_ratio=0.03)
+    with pytest.raises(DataError, match='2 of 48 samples were bad, more than max_skipped_ratio=0.03'):
+        strict[3]
+    with pytest.raises(ValueError, match='bad_sample_policy'):
+        LLaVADataset(**kwargs, bad_sample_policy='ignore')
