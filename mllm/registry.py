@@ -38,8 +38,9 @@ FUNCTIONS = Registry('function', parent=MMENGINE_FUNCTIONS, scope='mllm', locati
 LOOPS = Registry('loop', parent=MMENGINE_LOOPS, scope='mllm', locations=['mllm.engine.loops'])
 # Hooks: trainable-only checkpoints, throughput logging.
 HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mllm', locations=['mllm.engine.hooks'])
-# Optimizers, optimizer wrappers and schedulers are MMEngine's; the empty children only let
-# the 'mllm' scope resolve to them without a warning.
+# Optimizers and schedulers are MMEngine's (the empty children only let the 'mllm' scope
+# resolve to them without a warning); optimizer wrappers add the non-finite-step skip.
 OPTIMIZERS = Registry('optimizer', parent=MMENGINE_OPTIMIZERS, scope='mllm')
-OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='mllm')
+OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='mllm',
+                          locations=['mllm.engine.optim_wrappers'])
 PARAM_SCHEDULERS = Registry('parameter scheduler', parent=MMENGINE_PARAM_SCHEDULERS, scope='mllm')
