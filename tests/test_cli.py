@@ -1,6 +1,5 @@
 """The `mllm` command end to end: configs, inspect, check-data, train (exit codes, losses,
 checkpoints, resume, stage hand-over, 2 processes) on the tiny config and synthetic data."""
-import glob
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import torch
 
 from mllm.cli import main
 from mllm.engine.config import CONFIG_ROOT, load_config
+from helpers import losses, swap_config
 
 REPO = os.path.dirname(CONFIG_ROOT)
 TINY = 'configs/tiny/tiny_llava_synthetic.py'
@@ -46,21 +46,8 @@ def train(work_dir, synthetic, *extra, iters=6, options=(), env=None):
                 *options, env=env)
 
 
-def losses(work_dir):
-    """Per-iteration losses from MMEngine's vis_data/scalars.json (newest run last)."""
-    values = []
-    for path in sorted(glob.glob(os.path.join(str(work_dir), '*', 'vis_data', 'scalars.json'))):
-        with open(path) as f:
-            values += [json.loads(line)['loss'] for line in f if '"loss"' in line]
-    return values
 
 
-def swap_config(tmp_path, recipe, llm):
-    """A backbone swap: a two-line file that inherits the recipe and an LLM base."""
-    path = tmp_path / f'{recipe}_{llm}.py'
-    path.write_text(f"_base_ = ['{CONFIG_ROOT}/_base_/recipes/{recipe}.py', "
-                    f"'{CONFIG_ROOT}/_base_/llms/{llm}.py']\n")
-    return str(path)
 
 
 def inspect_json(capsys, *args):

@@ -4,16 +4,11 @@ import json
 import pytest
 
 from mllm.cli import main
-from mllm.engine.config import CONFIG_ROOT, load_config
+from mllm.engine.config import load_config
 from mllm.engine.memory import STAGES, Transformer, activation_gb, model_state_gb, plan_memory
+from helpers import swap_config
 
 
-def swap_config(tmp_path, recipe, llm):
-    """A backbone swap: a two-line file that inherits the recipe and an LLM base."""
-    path = tmp_path / f'{recipe}_{llm}.py'
-    path.write_text(f"_base_ = ['{CONFIG_ROOT}/_base_/recipes/{recipe}.py', "
-                    f"'{CONFIG_ROOT}/_base_/llms/{llm}.py']\n")
-    return str(path)
 
 
 def plan_json(capsys, *args):

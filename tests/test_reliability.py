@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mllm.engine.config import CONFIG_ROOT
+from helpers import losses
 
 REPO = os.path.dirname(CONFIG_ROOT)
 TINY = os.path.join(CONFIG_ROOT, 'tiny', 'tiny_llava_synthetic.py')
@@ -40,12 +41,6 @@ def train(work_dir, synthetic, *extra, iters, config=TINY, options=(), env=None,
                     f'tokenizer.pretrained={synthetic["tokenizer"]}', *options, env=env, pre=pre)
 
 
-def losses(work_dir):
-    values = []
-    for path in sorted(glob.glob(os.path.join(str(work_dir), '*', 'vis_data', 'scalars.json'))):
-        with open(path) as f:
-            values += [json.loads(line)['loss'] for line in f if '"loss"' in line]
-    return values
 
 
 def state(path):
