@@ -26,7 +26,8 @@ def to_normalized_tensor(image: Image.Image, mean: Sequence[float],
                          std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float tensor normalised with ``mean``/``std``."""
     pixels = torch.from_numpy(np.asarray(image.convert('RGB'), dtype=np.float32) / 255.0)
-    return (pixels.permute(2, 0, 1) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    mean, std = torch.as_tensor(mean).view(3, 1, 1), torch.as_tensor(std).view(3, 1, 1)
+    return (pixels.permute(2, 0, 1) - mean) / std  # (3, H, W)
 
 
 @TRANSFORMS.register_module()
@@ -80,5 +81,4 @@ class LLaVAImageProcessor:
         if self.pad_to_square and not self.keep_aspect:
             image = expand_to_square(image, self.pad_colour)
         image = image.resize(self.output_size(image.size), Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3)
-        return (pixels.permute(2, 0, 1) - self.mean) / self.std  # (3, H, W)
+        return to_normalized_tensor(image, self.mean, self.std)

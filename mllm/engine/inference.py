@@ -1,11 +1,8 @@
 """Loading a trained model and answering with it: the demo's evaluation, chat, eval."""
-import logging
-import pickle
 import sys
 from typing import Dict, List, Optional
 
 import torch
-from mmengine.logging import print_log
 from transformers import TextStreamer
 
 from mllm.datasets.collate import llava_collate
@@ -15,12 +12,8 @@ from mllm.datasets.templates import IGNORE_INDEX, build_generation_prompt
 
 def load_checkpoint_state(path: str) -> Dict[str, torch.Tensor]:
     """The model weights of an ``iter_N.pth`` (tensors only when possible)."""
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        print_log(f'{path} holds runner state; loading it with weights_only=False',
-                  logger='current', level=logging.INFO)
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    from mllm.engine.patches import load_trusted_checkpoint
+    checkpoint = load_trusted_checkpoint(path, map_location='cpu')
     return checkpoint.get('state_dict', checkpoint)
 
 

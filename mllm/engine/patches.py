@@ -11,23 +11,26 @@ import torch
 from mmengine.logging import print_log
 
 
+def load_trusted_checkpoint(filename: str, map_location='cpu'):
+    """``torch.load`` with ``weights_only=True`` first; checkpoints that hold runner state
+    (MessageHub, numpy RNG state, ConfigDict) fall back to ``weights_only=False`` with a
+    log line, so only load checkpoints you trust."""
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        print_log(f'{filename} holds non-tensor objects (runner state); loading it with '
+                  'weights_only=False — only load checkpoints you trust',
+                  logger='current', level=logging.INFO)
+        return torch.load(filename, map_location=map_location, weights_only=False)
+
+
 def patch_checkpoint_loading() -> None:
     """mmengine 0.10.6 calls ``torch.load`` without ``weights_only``; torch >= 2.6 then
-    defaults to ``weights_only=True`` and refuses mmengine's own checkpoints (they hold a
-    MessageHub, numpy RNG state, ConfigDict). Load with ``weights_only=True`` first and
-    fall back, with a log line, for checkpoints written by this toolkit or MMEngine."""
+    defaults to ``weights_only=True`` and refuses mmengine's own checkpoints. Route its
+    local loads through ``load_trusted_checkpoint``."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    def load_from_local(filename, map_location):
-        try:
-            return torch.load(filename, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError:
-            print_log(f'{filename} holds non-tensor objects (runner state); loading it with '
-                      'weights_only=False — only load checkpoints you trust',
-                      logger='current', level=logging.INFO)
-            return torch.load(filename, map_location=map_location, weights_only=False)
-
-    CheckpointLoader.register_scheme(prefixes='', force=True)(load_from_local)
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_trusted_checkpoint)
 
 
 def cpu_optim_wrapper(cfg) -> None:
