@@ -1,0 +1,156 @@
+"""``mllm annotate-boxes --images DIR --out boxes.json --detector PATH --labels ...``: boxes for
+MG-LLaVA's object tokens from a local OWLv2 / OWL-ViT detector, one entry per image (format:
+data/README.md, "Box files"). Progress is saved to ``OUT.partial`` as it goes, and a rerun with
+the same settings continues from it; OUT itself is written once, atomically, at the end."""
+import argparse
+import os
+import sys
+import time
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f'must be in [0, 1], got {text}')
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {text}')
+    return value
+
+
+def add_arguments(parser):
+    parser.add_argument('--images', required=True, metavar='DIR',
+                        help='image folder, searched recursively; keys are paths relative to it')
+    parser.add_argument('--out', required=True, metavar='FILE', help='box file to write (JSON)')
+    parser.add_argument('--detector', required=True, metavar='PATH',
+                        help='local folder of an OWLv2 / OWL-ViT model (save_pretrained)')
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument('--labels', help='comma-separated label vocabulary, e.g. "cat,dog"')
+    labels.add_argument('--labels-file', metavar='FILE', help='label vocabulary, one per line')
+    parser.add_argument('--threshold', type=_fraction, default=0.1,
+                        help='minimum box score (MG-LLaVA used 0.2; default 0.1)')
+    parser.add_argument('--nms-iou', type=_fraction, default=0.2,
+                        help='per-label NMS IoU threshold (default 0.2, as MG-LLaVA)')
+    parser.add_argument('--max-per-label', type=_positive, default=20,
+                        help='boxes kept per label when an image has more than --cap-above')
+    parser.add_argument('--cap-above', type=_positive, default=100,
+                        help='apply --max-per-label only above this many boxes (default 100)')
+    parser.add_argument('--prompt', default='a photo of {}',
+                        help="text query per label, '{}' is the label (default: 'a photo of {}')")
+    parser.add_argument('--batch-size', type=_positive, default=8)
+    parser.add_argument('--device', default='cpu', help='torch device, e.g. cuda:0 (default cpu)')
+    parser.add_argument('--save-every', type=_positive, default=200, metavar='N',
+                        help='save progress to OUT.partial every N images (default 200)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+
+def find_images(folder: str):
+    """Image paths under ``folder``, relative with forward slashes, sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        for name in files:
+            if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, '/'))
+    return sorted(found)
+
+
+def load_rgb(folder: str, key: str):
+    from PIL import Image, UnidentifiedImageError
+
+    from mllm.datasets.annotate import AnnotateError
+
+    path = os.path.join(folder, key)
+    try:
+        with Image.open(path) as image:  # as the training loader reads it (no EXIF rotation)
+            return image.convert('RGB')
+    except (UnidentifiedImageError, OSError) as err:
+        raise AnnotateError(f'{path}: cannot read image ({err})') from None
+
+
+def resume_entries(partial: str, settings: dict) -> dict:
+    """Entries already annotated in ``partial`` with the same settings (none if absent)."""
+    import json
+
+    from mllm.datasets.annotate import AnnotateError
+    from mllm.datasets.boxes import entry_error
+
+    if not os.path.exists(partial):
+        return {}
+    try:
+        with open(partial, encoding='utf-8') as f:
+            saved = json.load(f)
+        entries = saved['entries']
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AnnotateError(f'{partial}: unreadable progress file ({err}); delete it to '
+                            f'start over') from None
+    if saved.get('settings') != settings:
+        changed = sorted(k for k in settings if saved.get('settings', {}).get(k) != settings[k])
+        raise AnnotateError(f'{partial} was made with other settings ({", ".join(changed)}); '
+                            f'delete it to start over')
+    for key, entry in entries.items():
+        if entry_error(entry):
+            raise AnnotateError(f'{partial}: {key!r}: {entry_error(entry)}; delete it')
+    return entries
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from mllm.datasets.annotate import AnnotateError, BoxAnnotator, read_labels
+    from mllm.datasets.boxes import write_box_file, write_json_atomic
+
+    start = time.time()
+    try:
+        if not os.path.isdir(args.images):
+            raise AnnotateError(f'{args.images}: image folder not found')
+        keys = find_images(args.images)
+        if not keys:
+            raise AnnotateError(f'{args.images}: no images ({", ".join(IMAGE_EXTENSIONS)})')
+        labels = read_labels(args.labels, args.labels_file)
+        settings = dict(detector=os.path.abspath(args.detector), labels=labels,
+                        threshold=args.threshold, nms_iou=args.nms_iou, prompt=args.prompt,
+                        max_per_label=args.max_per_label, cap_above=args.cap_above)
+        partial = args.out + '.partial'
+        entries = {k: v for k, v in resume_entries(partial, settings).items() if k in keys}
+        todo = [k for k in keys if k not in entries]
+        if entries:
+            print(f'resuming from {partial}: {len(entries)} of {len(keys)} images done')
+        annotator = BoxAnnotator(args.detector, labels, threshold=args.threshold,
+                                 nms_iou=args.nms_iou, max_per_label=args.max_per_label,
+                                 cap_above=args.cap_above, prompt=args.prompt,
+                                 device=args.device)
+        since_save = 0
+        with tqdm(total=len(todo), unit='img', desc='annotate-boxes', dynamic_ncols=True,
+                  disable=args.no_progress) as bar:
+            try:
+                for i in range(0, len(todo), args.batch_size):
+                    batch = todo[i:i + args.batch_size]
+                    images = [load_rgb(args.images, key) for key in batch]
+                    entries.update(zip(batch, annotator(images)))
+                    bar.update(len(batch))
+                    since_save += len(batch)
+                    if since_save >= args.save_every:
+                        write_json_atomic(partial, dict(settings=settings, entries=entries))
+                        since_save = 0
+            except BaseException:
+                if since_save:  # keep what is done, so a rerun continues from here
+                    write_json_atomic(partial, dict(settings=settings, entries=entries))
+                raise
+        write_box_file(args.out, {k: entries[k] for k in keys})
+    except AnnotateError as err:
+        print(f'mllm annotate-boxes: error: {err}', file=sys.stderr)
+        return 1
+    if os.path.exists(partial):
+        os.remove(partial)
+    num_boxes = sum(len(entries[k]['boxes']) for k in keys)
+    empty = sum(not entries[k]['boxes'] for k in keys)
+    print(f'{len(keys)} images, {num_boxes} boxes, {empty} images with no box -> {args.out} '
+          f'({annotator.model_type}, {len(labels)} labels, {time.time() - start:.1f} s)')
+    return 0
