@@ -173,18 +173,12 @@ def test_cli_unreadable_image_keeps_progress_and_resumes(owlv2_dir, image_dir, t
 
 # ---- mapping normalised OWL boxes back to original pixels --------------------------------
 
-class _FixedOutputs:
-    """Stands in for the detector: known normalised (cx, cy, w, h) boxes and logits."""
-    dtype = torch.float32
-
-    def __init__(self, pred_boxes, logits):
-        self.pred_boxes, self.logits = pred_boxes, logits
-
-    def __call__(self, input_ids, attention_mask, pixel_values):
-        batch = pixel_values.shape[0]
-        assert input_ids.shape[0] == batch * len(LABELS)  # (B*Q, L) queries
-        return SimpleNamespace(pred_boxes=self.pred_boxes.expand(batch, -1, -1),
-                               logits=self.logits.expand(batch, -1, -1))
+def _fixed_detections(pred_boxes, logits):
+    """Stands in for ``BoxAnnotator._detect``: known normalised (cx, cy, w, h) boxes, logits."""
+    def detect(pixel_values):
+        batch = len(pixel_values)
+        return logits.expand(batch, -1, -1), pred_boxes.expand(batch, -1, -1)
+    return detect
 
 
 # cat at (0.25, 0.25); a dog entirely below y=1/2; a dog reaching past the right edge
@@ -203,7 +197,7 @@ LOGITS = torch.tensor([[[2.0, -5, -5], [-5, 3.0, -5], [-5, 1.0, -5]]])  # (1, P=
 def test_boxes_map_to_original_pixels_of_a_non_square_image(kind, expected, request):
     detector = request.getfixturevalue(f'{kind}_dir')
     annotator = BoxAnnotator(detector, LABELS, threshold=0.5)
-    annotator.model = _FixedOutputs(NORMALISED, LOGITS)
+    annotator._detect = _fixed_detections(NORMALISED, LOGITS)
     [entry] = annotator([Image.new('RGB', (200, 100))])
     labels = {'owlv2': ['cat', 'dog'], 'owlvit': ['dog', 'cat', 'dog']}[kind]
     order = {'owlv2': [0, 1], 'owlvit': [1, 0, 2]}[kind]  # best score first: 3.0, 2.0, 1.0
@@ -213,6 +207,21 @@ def test_boxes_map_to_original_pixels_of_a_non_square_image(kind, expected, requ
     if kind == 'owlv2':
         scores = scores[[1, 2]]  # the 3.0 dog was in the padding
     assert entry['scores'] == pytest.approx(scores.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize('kind', ['owlv2', 'owlvit'])
+def test_cached_queries_match_the_models_own_forward(kind, request):
+    """Text queries are encoded once; detection with them equals the model's full forward."""
+    annotator = BoxAnnotator(request.getfixturevalue(f'{kind}_dir'), LABELS)
+    images = [Image.new('RGB', (120, 50), (10, 200, 10)), Image.new('RGB', (30, 70), (9, 9, 9))]
+    inputs = annotator.processor(text=[[f'a photo of {x}' for x in LABELS]] * 2, images=images,
+                                 return_tensors='pt', truncation=True)
+    with torch.no_grad():
+        outputs = annotator.model(**inputs)
+    logits, pred_boxes = annotator._detect(inputs['pixel_values'])
+    assert logits.shape == outputs.logits.shape == (2, 16, len(LABELS))
+    torch.testing.assert_close(logits, outputs.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred_boxes, outputs.pred_boxes, atol=1e-6, rtol=1e-6)
 
 
 def test_owlv2_mapping_agrees_with_transformers_post_processing(owlv2_dir):

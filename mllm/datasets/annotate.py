@@ -93,6 +93,7 @@ class BoxAnnotator:
         except (OSError, ValueError) as err:
             raise AnnotateError(f'{detector}: cannot load the {self.model_type} detector '
                                 f'and its processor ({err})') from None
+        self.pixel_scale(1, 1)  # an unmappable processor fails here, not after the first batch
         self.model.to(device).eval()
         self.device = device
         self.labels = list(labels)
@@ -102,8 +103,26 @@ class BoxAnnotator:
         # OWL text towers have 16 positions: long prompts are cut, not rejected
         text = self.processor.tokenizer(queries, padding='max_length', truncation=True,
                                         return_tensors='pt')
-        self.input_ids = text['input_ids'].to(device)            # (Q, L)
-        self.attention_mask = text['attention_mask'].to(device)  # (Q, L)
+        self.query_embeds = self._encode_queries(text['input_ids'].to(device),
+                                                 text['attention_mask'].to(device))
+
+    @torch.no_grad()
+    def _encode_queries(self, input_ids, attention_mask) -> torch.Tensor:
+        """(Q, D) text embeddings, computed once: the model's own forward would re-encode
+        every query for every image of every batch."""
+        base = getattr(self.model, self.model_type)  # .owlv2 / .owlvit
+        embeds = base.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return embeds / torch.linalg.norm(embeds, dim=-1, keepdim=True)  # as the forward does
+
+    @torch.no_grad()
+    def _detect(self, pixel_values: torch.Tensor):
+        """The detection forward with the cached queries: logits (B, P, Q) and normalised
+        (cx, cy, w, h) boxes (B, P, 4) relative to the processed square image."""
+        feature_map = self.model.image_embedder(pixel_values=pixel_values)[0]  # (B, h, w, C)
+        image_feats = feature_map.flatten(1, 2)                                 # (B, P, C)
+        queries = self.query_embeds.expand(len(pixel_values), -1, -1)           # (B, Q, D)
+        logits = self.model.class_predictor(image_feats, queries)[0]
+        return logits, self.model.box_predictor(image_feats, feature_map)
 
     def pixel_scale(self, width: int, height: int):
         """(sx, sy) from normalised box coordinates to original pixels. OWLv2 pads the image
@@ -126,14 +145,10 @@ class BoxAnnotator:
         """One entry (``boxes``, ``labels``, ``scores``, best score first) per RGB image."""
         pixel_values = self.processor.image_processor(images, return_tensors='pt')['pixel_values']
         pixel_values = pixel_values.to(self.device, self.model.dtype)
-        batch = len(images)
-        outputs = self.model(input_ids=self.input_ids.repeat(batch, 1),  # (B*Q, L)
-                             attention_mask=self.attention_mask.repeat(batch, 1),
-                             pixel_values=pixel_values)
-        # logits (B, P, Q), pred_boxes (B, P, 4) normalised (cx, cy, w, h)
-        best = outputs.logits.float().max(dim=-1)
+        logits, pred_boxes = self._detect(pixel_values)
+        best = logits.float().max(dim=-1)
         scores, label_ids = best.values.sigmoid(), best.indices
-        return [self._postprocess(outputs.pred_boxes[i].float().cpu(), scores[i].cpu(),
+        return [self._postprocess(pred_boxes[i].float().cpu(), scores[i].cpu(),
                                   label_ids[i].cpu(), *image.size)
                 for i, image in enumerate(images)]
 
