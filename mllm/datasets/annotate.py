@@ -94,6 +94,11 @@ class BoxAnnotator:
             raise AnnotateError(f'{detector}: cannot load the {self.model_type} detector '
                                 f'and its processor ({err})') from None
         self.pixel_scale(1, 1)  # an unmappable processor fails here, not after the first batch
+        side = self.model.config.vision_config.image_size
+        size = self.processor.image_processor.size
+        if (size.get('height'), size.get('width')) != (side, side):
+            raise AnnotateError(f'{detector}: the processor makes {size} images but the model '
+                                f'expects {side}x{side}')
         self.model.to(device).eval()
         self.device = device
         self.labels = list(labels)
