@@ -3,6 +3,7 @@ per-label NMS 0.2 and per-label cap, the mapping of OWL boxes back to original p
 CLI end to end on tiny random OWLv2 / OWL-ViT detectors written with ``save_pretrained``."""
 import json
 import os
+import shutil
 import string
 from types import SimpleNamespace
 
@@ -124,6 +125,11 @@ def test_cli_bad_input_exits_nonzero_naming_it(owlv2_dir, image_dir, tmp_path, c
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'clip').mkdir()
     (tmp_path / 'clip' / 'config.json').write_text(json.dumps({'model_type': 'clip'}))
+    mismatched = tmp_path / 'mismatched'
+    shutil.copytree(owlv2_dir, mismatched)
+    config = json.loads((mismatched / 'preprocessor_config.json').read_text())
+    config['size'] = {'height': 32, 'width': 32}
+    (mismatched / 'preprocessor_config.json').write_text(json.dumps(config))
     good = {'--images': str(image_dir), '--detector': owlv2_dir, '--labels': 'cat'}
     cases = [  # (what replaces the good argument, expected message)
         ({'--images': str(tmp_path / 'nope')}, f"{tmp_path / 'nope'}: image folder not found"),
@@ -131,6 +137,7 @@ def test_cli_bad_input_exits_nonzero_naming_it(owlv2_dir, image_dir, tmp_path, c
         ({'--detector': str(tmp_path / 'missing')}, f"{tmp_path / 'missing'}: detector folder"),
         ({'--detector': str(tmp_path / 'clip')},
          f"{tmp_path / 'clip'}: model_type 'clip' is not an OWL detector"),
+        ({'--detector': str(mismatched)}, 'but the model expects 64x64'),
         ({'--labels': ' , '}, '--labels: no labels given'),
     ]
     for override, message in cases:
@@ -156,18 +163,22 @@ def test_cli_unreadable_image_keeps_progress_and_resumes(owlv2_dir, image_dir, t
     err = capsys.readouterr().err
     assert str(bad) in err and 'cannot read image' in err
     assert out.read_text() == 'previous file'  # never half-written, never clobbered on failure
-    partial = json.loads((tmp_path / 'boxes.json.partial').read_text())
-    assert sorted(partial['entries']) == ['a.png']  # done before the bad one
+    partial = tmp_path / 'boxes.json.partial'
+    lines = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert lines[0]['settings']['labels'] == LABELS
+    assert [line['image'] for line in lines[1:]] == ['a.png']  # done before the bad one
     # other settings must not mix with the saved progress
     assert _annotate(image_dir, out, owlv2_dir, '--threshold', '0.3') == 1
     assert 'other settings (threshold)' in capsys.readouterr().err
+    with open(partial, 'a') as f:
+        f.write('{"image": "c.png", "boxes": [[1, 2')  # a run killed mid-line
     Image.new('RGB', (30, 20)).save(bad)
     assert _annotate(image_dir, out, owlv2_dir) == 0
     resumed = capsys.readouterr().out
     assert 'resuming from' in resumed and '1 of 4 images done' in resumed
     entries = load_box_file(str(out))
     assert sorted(entries) == sorted([*IMAGE_SIZES, 'b_bad.png'])
-    assert entries['a.png']['boxes'] == partial['entries']['a.png']['boxes']
+    assert entries['a.png']['boxes'] == lines[1]['boxes']
     assert not os.path.exists(str(out) + '.partial')
 
 

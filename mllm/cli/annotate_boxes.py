@@ -1,8 +1,9 @@
 """``mllm annotate-boxes --images DIR --out boxes.json --detector PATH --labels ...``: boxes for
 MG-LLaVA's object tokens from a local OWLv2 / OWL-ViT detector, one entry per image (format:
-data/README.md, "Box files"). Progress is saved to ``OUT.partial`` as it goes, and a rerun with
-the same settings continues from it; OUT itself is written once, atomically, at the end."""
+data/README.md, "Box files"). Each batch is appended to ``OUT.partial`` (JSON lines), and a rerun
+with the same settings continues from it; OUT itself is written once, atomically, at the end."""
 import argparse
+import json
 import os
 import sys
 import time
@@ -45,8 +46,6 @@ def add_arguments(parser):
                         help="text query per label, '{}' is the label (default: 'a photo of {}')")
     parser.add_argument('--batch-size', type=_positive, default=8)
     parser.add_argument('--device', default='cpu', help='torch device, e.g. cuda:0 (default cpu)')
-    parser.add_argument('--save-every', type=_positive, default=200, metavar='N',
-                        help='save progress to OUT.partial every N images (default 200)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 
@@ -75,28 +74,38 @@ def load_rgb(folder: str, key: str):
 
 
 def resume_entries(partial: str, settings: dict) -> dict:
-    """Entries already annotated in ``partial`` with the same settings (none if absent)."""
-    import json
-
+    """Entries already in ``partial``, whose first line must hold the same settings; none
+    if it does not exist. A cut last line (the run was killed mid-write) is removed."""
     from mllm.datasets.annotate import AnnotateError
     from mllm.datasets.boxes import entry_error
 
     if not os.path.exists(partial):
         return {}
+    with open(partial, 'rb') as f:
+        data = f.read()
+    complete = data[:data.rfind(b'\n') + 1]
+    if len(complete) < len(data):
+        with open(partial, 'r+b') as f:
+            f.truncate(len(complete))
+    if not complete:  # killed before the settings line was written
+        os.remove(partial)
+        return {}
     try:
-        with open(partial, encoding='utf-8') as f:
-            saved = json.load(f)
-        entries = saved['entries']
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise AnnotateError(f'{partial}: unreadable progress file ({err}); delete it to '
-                            f'start over') from None
-    if saved.get('settings') != settings:
-        changed = sorted(k for k in settings if saved.get('settings', {}).get(k) != settings[k])
+        records = [json.loads(line) for line in complete.decode('utf-8').splitlines()]
+    except ValueError as err:
+        raise AnnotateError(f'{partial}: unreadable ({err}); delete it to start over') from None
+    saved = records[0].get('settings') if isinstance(records[0], dict) else None
+    if saved != settings:
+        changed = sorted(k for k in settings if (saved or {}).get(k) != settings[k])
         raise AnnotateError(f'{partial} was made with other settings ({", ".join(changed)}); '
                             f'delete it to start over')
-    for key, entry in entries.items():
-        if entry_error(entry):
-            raise AnnotateError(f'{partial}: {key!r}: {entry_error(entry)}; delete it')
+    entries = {}
+    for number, record in enumerate(records[1:], 2):
+        key = record.pop('image', None) if isinstance(record, dict) else None
+        if not isinstance(key, str) or entry_error(record):
+            raise AnnotateError(f'{partial}: line {number} is not an annotated image; delete '
+                                f'it to start over')
+        entries[key] = record
     return entries
 
 
@@ -104,7 +113,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from mllm.datasets.annotate import AnnotateError, BoxAnnotator, read_labels
-    from mllm.datasets.boxes import write_box_file, write_json_atomic
+    from mllm.datasets.boxes import write_box_file
 
     start = time.time()
     try:
@@ -126,23 +135,20 @@ def run(args) -> int:
                                  nms_iou=args.nms_iou, max_per_label=args.max_per_label,
                                  cap_above=args.cap_above, prompt=args.prompt,
                                  device=args.device)
-        since_save = 0
-        with tqdm(total=len(todo), unit='img', desc='annotate-boxes', dynamic_ncols=True,
-                  disable=args.no_progress) as bar:
-            try:
-                for i in range(0, len(todo), args.batch_size):
-                    batch = todo[i:i + args.batch_size]
-                    images = [load_rgb(args.images, key) for key in batch]
-                    entries.update(zip(batch, annotator(images)))
-                    bar.update(len(batch))
-                    since_save += len(batch)
-                    if since_save >= args.save_every:
-                        write_json_atomic(partial, dict(settings=settings, entries=entries))
-                        since_save = 0
-            except BaseException:
-                if since_save:  # keep what is done, so a rerun continues from here
-                    write_json_atomic(partial, dict(settings=settings, entries=entries))
-                raise
+        resumed = os.path.exists(partial)
+        with open(partial, 'a', encoding='utf-8') as log, \
+                tqdm(total=len(todo), unit='img', desc='annotate-boxes', dynamic_ncols=True,
+                     disable=args.no_progress) as bar:
+            if not resumed:
+                log.write(json.dumps(dict(settings=settings)) + '\n')
+            for i in range(0, len(todo), args.batch_size):
+                batch = todo[i:i + args.batch_size]
+                images = [load_rgb(args.images, key) for key in batch]
+                for key, entry in zip(batch, annotator(images)):
+                    entries[key] = entry
+                    log.write(json.dumps(dict(image=key, **entry)) + '\n')
+                log.flush()  # a crash loses at most the batch in flight
+                bar.update(len(batch))
         write_box_file(args.out, {k: entries[k] for k in keys})
     except AnnotateError as err:
         print(f'mllm annotate-boxes: error: {err}', file=sys.stderr)
