@@ -5,17 +5,16 @@ import json
 import os
 import shutil
 import string
-from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from mllm.cli import main
 from mllm.datasets.annotate import BoxAnnotator
 from mllm.datasets.boxes import (BoxFileError, box_problems, cap_per_label, clip_boxes,
                                  filter_boxes, load_box_file, nms_per_label, write_box_file)
-from torchvision.ops import box_iou
 
 LABELS = ['cat', 'dog', 'red square']
 
@@ -377,7 +376,8 @@ def test_clip_boxes_and_box_problems():
     boxes = [[-5, 10, 50, 40], [10, 10, 110, 60]]
     assert clip_boxes(boxes, 100, 50) == [[0, 10, 50, 40], [10, 10, 100, 50]]
     clipped = clip_boxes(torch.tensor(boxes, dtype=torch.float32), 100, 50)
-    assert clipped.dtype == torch.float32 and clipped.tolist() == [[0, 10, 50, 40], [10, 10, 100, 50]]
+    assert clipped.dtype == torch.float32
+    assert clipped.tolist() == [[0, 10, 50, 40], [10, 10, 100, 50]]
     entry = {'boxes': [[0, 0, 100, 50],       # the whole image: fine
                        [-5, 10, 50, 40],      # reaches left of x = 0
                        [120, 0, 130, 10],     # entirely right of the image

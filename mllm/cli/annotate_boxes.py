@@ -35,7 +35,7 @@ def add_arguments(parser):
     labels.add_argument('--labels', help='comma-separated label vocabulary, e.g. "cat,dog"')
     labels.add_argument('--labels-file', metavar='FILE', help='label vocabulary, one per line')
     parser.add_argument('--threshold', type=_fraction, default=0.1,
-                        help='minimum box score (MG-LLaVA used 0.2; default 0.1)')
+                        help='keep boxes scoring above this (default 0.1; MG-LLaVA used 0.2)')
     parser.add_argument('--nms-iou', type=_fraction, default=0.2,
                         help='per-label NMS IoU threshold (default 0.2, as MG-LLaVA)')
     parser.add_argument('--max-per-label', type=_positive, default=20,

@@ -54,7 +54,8 @@ def owl_model_type(detector: str) -> str:
         with open(config_path, encoding='utf-8') as f:
             model_type = json.load(f).get('model_type')
     except FileNotFoundError:
-        raise AnnotateError(f'{detector}: no config.json, not a transformers model folder') from None
+        raise AnnotateError(f'{detector}: no config.json, not a transformers model '
+                            f'folder') from None
     except (json.JSONDecodeError, AttributeError) as err:
         raise AnnotateError(f'{config_path}: unreadable config ({err})') from None
     if model_type not in OWL_CLASSES:
@@ -84,6 +85,8 @@ class BoxAnnotator:
 
         if not labels:
             raise AnnotateError('no labels given')
+        if '{}' not in prompt:
+            raise AnnotateError(f'prompt {prompt!r} has no {{}} for the label')
         self.model_type = owl_model_type(detector)
         model_cls, processor_cls = (getattr(transformers, name)
                                     for name in OWL_CLASSES[self.model_type])
