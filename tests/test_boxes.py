@@ -84,14 +84,16 @@ def image_dir(tmp_path):
 
 def _annotate(image_dir, out, detector, *extra):
     return main(['annotate-boxes', '--images', str(image_dir), '--out', str(out),
-                 '--detector', detector, '--labels', ','.join(LABELS), '--no-progress', *extra])
+                 '--detector', detector, '--labels', ','.join(LABELS), '--no-progress',
+                 '--workers', '0', *extra])  # later options win
 
 
 # ---- the command on a tiny random detector ----------------------------------------------
 
 def test_cli_writes_an_entry_per_image_inside_bounds(owlv2_dir, image_dir, tmp_path, capsys):
     out = tmp_path / 'boxes.json'
-    assert _annotate(image_dir, out, owlv2_dir, '--threshold', '0', '--batch-size', '2') == 0
+    assert _annotate(image_dir, out, owlv2_dir, '--threshold', '0', '--batch-size', '2',
+                     '--workers', '2') == 0
     entries = load_box_file(str(out))
     assert sorted(entries) == sorted(IMAGE_SIZES)  # sub-folder key with '/', notes.txt ignored
     total = 0
@@ -113,10 +115,14 @@ def test_cli_writes_an_entry_per_image_inside_bounds(owlv2_dir, image_dir, tmp_p
 
 def test_cli_empty_entries_when_nothing_passes(owlv2_dir, image_dir, tmp_path, capsys):
     out = tmp_path / 'boxes.json'
-    assert _annotate(image_dir, out, owlv2_dir, '--threshold', '1') == 0
+    argv = ['annotate-boxes', '--images', str(image_dir), '--out', str(out), '--detector',
+            owlv2_dir, '--labels', 'cat', '--threshold', '1', '--workers', '0']
+    assert main(argv) == 0
     assert json.loads(out.read_text()) == {
         key: {'boxes': [], 'labels': [], 'scores': []} for key in sorted(IMAGE_SIZES)}
-    assert '3 images, 0 boxes, 3 images with no box' in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert '3 images, 0 boxes, 3 images with no box' in captured.out
+    assert '100%' in captured.err and '3/3' in captured.err  # the progress bar
 
 
 def test_cli_bad_input_exits_nonzero_naming_it(owlv2_dir, image_dir, tmp_path, capsys):
@@ -158,14 +164,15 @@ def test_cli_unreadable_image_keeps_progress_and_resumes(owlv2_dir, image_dir, t
     out.write_text('previous file')
     bad = image_dir / 'b_bad.png'
     bad.write_bytes(b'not a png')
-    assert _annotate(image_dir, out, owlv2_dir, '--batch-size', '1') == 1
+    assert _annotate(image_dir, out, owlv2_dir) == 1
     err = capsys.readouterr().err
     assert str(bad) in err and 'cannot read image' in err
     assert out.read_text() == 'previous file'  # never half-written, never clobbered on failure
     partial = tmp_path / 'boxes.json.partial'
     lines = [json.loads(line) for line in partial.read_text().splitlines()]
     assert lines[0]['settings']['labels'] == LABELS
-    assert [line['image'] for line in lines[1:]] == ['a.png']  # done before the bad one
+    # the rest of the bad image's batch is annotated and saved
+    assert sorted(line['image'] for line in lines[1:]) == sorted(IMAGE_SIZES)
     # other settings must not mix with the saved progress
     assert _annotate(image_dir, out, owlv2_dir, '--threshold', '0.3') == 1
     assert 'other settings (threshold)' in capsys.readouterr().err
@@ -174,10 +181,10 @@ def test_cli_unreadable_image_keeps_progress_and_resumes(owlv2_dir, image_dir, t
     Image.new('RGB', (30, 20)).save(bad)
     assert _annotate(image_dir, out, owlv2_dir) == 0
     resumed = capsys.readouterr().out
-    assert 'resuming from' in resumed and '1 of 4 images done' in resumed
+    assert 'resuming from' in resumed and '3 of 4 images done' in resumed
     entries = load_box_file(str(out))
     assert sorted(entries) == sorted([*IMAGE_SIZES, 'b_bad.png'])
-    assert entries['a.png']['boxes'] == lines[1]['boxes']
+    assert entries[lines[1]['image']]['boxes'] == lines[1]['boxes']
     assert not os.path.exists(str(out) + '.partial')
 
 

@@ -64,6 +64,12 @@ def owl_model_type(detector: str) -> str:
     return model_type
 
 
+def preprocess(image_processor, image: Image.Image) -> torch.Tensor:
+    """(3, S, S) input of an OWL image processor for one RGB image; a plain function so
+    data-loader workers need only the processor, not the model."""
+    return image_processor(image, return_tensors='pt')['pixel_values'][0]
+
+
 class BoxAnnotator:
     """Boxes for a fixed label vocabulary, in original-image pixels.
 
@@ -148,17 +154,26 @@ class BoxAnnotator:
                                     f'{crop}: boxes cannot be mapped back to the original image')
         return width, height
 
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """(3, S, S) model input for one RGB image (OWLv2: pad to square, then resize)."""
+        return preprocess(self.processor.image_processor, image)
+
     @torch.no_grad()
-    def __call__(self, images: List[Image.Image]) -> List[Dict[str, list]]:
-        """One entry (``boxes``, ``labels``, ``scores``, best score first) per RGB image."""
-        pixel_values = self.processor.image_processor(images, return_tensors='pt')['pixel_values']
+    def detect(self, pixel_values: torch.Tensor, sizes: Sequence[tuple]) -> List[Dict[str, list]]:
+        """One entry (``boxes``, ``labels``, ``scores``, best score first) per preprocessed
+        image; ``sizes`` are the original (width, height)."""
         pixel_values = pixel_values.to(self.device, self.model.dtype)
         logits, pred_boxes = self._detect(pixel_values)
         best = logits.float().max(dim=-1)
         scores, label_ids = best.values.sigmoid(), best.indices
         return [self._postprocess(pred_boxes[i].float().cpu(), scores[i].cpu(),
-                                  label_ids[i].cpu(), *image.size)
-                for i, image in enumerate(images)]
+                                  label_ids[i].cpu(), width, height)
+                for i, (width, height) in enumerate(sizes)]
+
+    def __call__(self, images: List[Image.Image]) -> List[Dict[str, list]]:
+        """``detect`` on RGB images."""
+        return self.detect(torch.stack([self.preprocess(image) for image in images]),
+                           [image.size for image in images])
 
     def _postprocess(self, boxes, scores, label_ids, width, height) -> Dict[str, list]:
         keep = scores > self.threshold
