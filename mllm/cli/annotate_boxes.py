@@ -48,7 +48,7 @@ def add_arguments(parser):
     parser.add_argument('--device', default='cpu', help='torch device, e.g. cuda:0 (default cpu)')
     parser.add_argument('--workers', type=int, default=2,
                         help='processes that read and preprocess images (OWLv2 preprocessing '
-                             'takes ~0.5 s per image on a CPU core: use more on a GPU machine; '
+                             'takes ~0.7 s per image on a CPU core: use more on a GPU machine; '
                              'default 2, 0 = in the main process)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
 
@@ -73,7 +73,7 @@ def load_rgb(folder: str, key: str):
     try:
         with Image.open(path) as image:  # as the training loader reads it (no EXIF rotation)
             return image.convert('RGB')
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
         raise AnnotateError(f'{path}: cannot read image ({err})') from None
 
 
