@@ -93,7 +93,7 @@ def _annotate(image_dir, out, detector, *extra):
 def test_cli_writes_an_entry_per_image_inside_bounds(owlv2_dir, image_dir, tmp_path, capsys):
     out = tmp_path / 'boxes.json'
     assert _annotate(image_dir, out, owlv2_dir, '--threshold', '0', '--batch-size', '2',
-                     '--workers', '2') == 0
+                     '--workers', '2', '--dtype', 'bfloat16') == 0
     entries = load_box_file(str(out))
     assert sorted(entries) == sorted(IMAGE_SIZES)  # sub-folder key with '/', notes.txt ignored
     total = 0

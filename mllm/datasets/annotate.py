@@ -80,13 +80,16 @@ class BoxAnnotator:
         nms_iou: per-label NMS IoU threshold. Defaults to 0.2 (MG-LLaVA).
         max_per_label: boxes kept per label when the cap applies. Defaults to 20.
         cap_above: the cap applies only to images with more boxes than this. Defaults to 100.
-        prompt: text query template. Defaults to 'a photo of {}' (MG-LLaVA's).
+        prompt: text query; '{}' is replaced by the label. Defaults to 'a photo of {}'
+            (MG-LLaVA's).
         device: torch device. Defaults to 'cpu'.
+        dtype: model weights' dtype, e.g. torch.bfloat16 on a GPU. Defaults to float32.
     """
 
     def __init__(self, detector: str, labels: Sequence[str], threshold: float = 0.1,
                  nms_iou: float = 0.2, max_per_label: int = 20, cap_above: int = 100,
-                 prompt: str = 'a photo of {}', device: str = 'cpu'):
+                 prompt: str = 'a photo of {}', device: str = 'cpu',
+                 dtype: torch.dtype = torch.float32):
         import transformers
 
         if not labels:
@@ -98,7 +101,8 @@ class BoxAnnotator:
                                     for name in OWL_CLASSES[self.model_type])
         try:
             self.processor = processor_cls.from_pretrained(detector, local_files_only=True)
-            self.model = model_cls.from_pretrained(detector, local_files_only=True)
+            self.model = model_cls.from_pretrained(detector, local_files_only=True,
+                                                   torch_dtype=dtype)
         except (OSError, ValueError) as err:
             raise AnnotateError(f'{detector}: cannot load the {self.model_type} detector '
                                 f'and its processor ({err})') from None
@@ -113,7 +117,7 @@ class BoxAnnotator:
         self.labels = list(labels)
         self.threshold, self.nms_iou = threshold, nms_iou
         self.max_per_label, self.cap_above = max_per_label, cap_above
-        queries = [prompt.format(label) for label in self.labels]
+        queries = [prompt.replace('{}', label) for label in self.labels]
         # OWL text towers have 16 positions: long prompts are cut, not rejected
         text = self.processor.tokenizer(queries, padding='max_length', truncation=True,
                                         return_tensors='pt')
