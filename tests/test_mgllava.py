@@ -277,6 +277,32 @@ def test_tiny_mgllava_trains_and_chats_with_boxes(tmp_path, synthetic, capsys):
     # the fused path moved away from plain LLaVA
     assert state['fusion.proj_high.weight'].abs().sum() > 0
 
+    # export: a self-contained folder with both encoders, fusion and bbox projector whose
+    # logits equal the training model's on a batch with boxes
+    from mllm.engine.export import load_pretrained
+    from mllm.engine.inference import load_model
+    out = tmp_path / 'export'
+    config = 'configs/tiny/tiny_mgllava_synthetic.py'
+    tokenizer_option = f'tokenizer.pretrained={synthetic["tokenizer"]}'
+    assert main(['convert', 'pth-to-hf', config, str(tmp_path / 'iter_3.pth'), str(out),
+                 '--cfg-options', tokenizer_option]) == 0
+    meta = json.loads((out / 'mllm_config.json').read_text())
+    assert {'high_res_encoder', 'fusion', 'bbox_projector'} <= set(meta['weights'])
+    assert meta['model']['high_res_encoder']['load_weights'] is False
+    exported = load_pretrained(str(out))[0]
+    cfg = load_config(config, {tokenizer_option.split('=')[0]: synthetic['tokenizer'],
+                               'train_dataloader.dataset.box_file': synthetic['boxes']})
+    reference = load_model(cfg, str(tmp_path / 'iter_3.pth'))
+    dataset = DATASETS.build(dict(cfg.train_dataloader.dataset, data_path=synthetic['train'],
+                                  image_folder=synthetic['image_folder']))
+    from mllm.datasets.collate import llava_collate
+    picks = [i for i, x in enumerate(dataset.samples) if x['category'] in ('count', 'fine_detail')]
+    batch = llava_collate([dataset[i] for i in picks[:3] + [0]])
+    assert sum(len(b) for b in batch['boxes']) > 4  # several shapes, or shape + detail box
+    batch.pop('labels')
+    with torch.no_grad():
+        assert torch.equal(exported(**batch, mode='tensor'), reference(**batch, mode='tensor'))
+
     image = os.path.join(synthetic['image_folder'], 'val', '000000.png')
     args = ['chat', 'configs/tiny/tiny_mgllava_synthetic.py', '--checkpoint',
             str(tmp_path / 'iter_3.pth'), '--image', image, '--prompt', 'What shape is shown?',
