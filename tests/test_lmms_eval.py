@@ -93,9 +93,13 @@ def _stand_in_modules() -> dict:
             return cls
         return decorate
 
+    def unwrap_generation_output(output):  # 0.7's api/instance.py: all but text -> str
+        return (output, None) if isinstance(output, str) else (str(output), None)
+
     modules = {name: types.ModuleType(name) for name in (
         'lmms_eval', 'lmms_eval.api', 'lmms_eval.api.model', 'lmms_eval.api.instance',
-        'lmms_eval.api.registry', 'lmms_eval.models')}
+        'lmms_eval.api.registry', 'lmms_eval.models', 'lmms_eval.evaluator')}
+    modules['lmms_eval.evaluator'].unwrap_generation_output = unwrap_generation_output
     modules['lmms_eval.api.model'].lmms = lmms
     modules['lmms_eval.api.instance'].Instance = Instance
     modules['lmms_eval.api.registry'].register_model = register_model
@@ -167,6 +171,12 @@ def chat_answer(model, image, question, max_new_tokens=6):
     return generate_reply(model.model, model.tokenizer, model.template, batch, max_new_tokens)
 
 
+@pytest.fixture(scope='module')
+def chat_answers(lm, docs):
+    """`mllm chat`'s answers to QUESTION about docs 0-3 (doc 3 has no image)."""
+    return [chat_answer(lm, doc['image'], QUESTION) for doc in docs[:4]]
+
+
 def generate(lmms_eval, lm, doc_ids, **gen_kwargs):
     gen_kwargs.setdefault('max_new_tokens', 6)
     return lm.generate_until([
@@ -187,6 +197,9 @@ def test_registration_model_args_and_import_guard(lmms_eval, lm, exported, monke
         adapter.MLLMLmms.create_from_arg_string(f'pretrained={exported},max_new_token=3')
     with pytest.raises(NotImplementedError, match='generate_until_multi_round'):
         lm.generate_until_multi_round([])
+    # the evaluator keeps loglikelihood pairs instead of stringifying them
+    unwrap = lmms_eval.modules['lmms_eval.evaluator'].unwrap_generation_output
+    assert unwrap((0.5, True)) == ((0.5, True), None) and unwrap('a b') == ('a b', None)
     # without lmms-eval the module says how to get it (import mllm itself never needs it)
     for name in _stand_in_modules():
         monkeypatch.setitem(sys.modules, name, None)  # None: import fails
@@ -197,17 +210,17 @@ def test_registration_model_args_and_import_guard(lmms_eval, lm, exported, monke
 
 
 @pytest.mark.parametrize('batch_size', [1, 2])
-def test_generate_until_answers_as_mllm_chat(lmms_eval, lm, docs, batch_size, monkeypatch):
+def test_generate_until_answers_as_mllm_chat(lmms_eval, lm, chat_answers, batch_size,
+                                             monkeypatch):
     monkeypatch.setattr(lm, 'batch_size', batch_size)
-    answers = generate(lmms_eval, lm, range(4))
-    expected = [chat_answer(lm, doc['image'], QUESTION) for doc in docs[:4]]
-    assert answers == expected
+    assert generate(lmms_eval, lm, range(4)) == chat_answers
+    expected = chat_answers
     assert all(len(a.split()) >= 3 for a in expected)  # long enough for the `until` test
     assert len(set(expected)) > 1  # the image matters
 
 
-def test_until_truncates_and_sampling_needs_temperature(lmms_eval, lm):
-    full = generate(lmms_eval, lm, [0])[0]
+def test_until_truncates_and_sampling_needs_temperature(lmms_eval, lm, chat_answers):
+    full = chat_answers[0]
     words = full.split()
     stop = ' ' + words[2]
     assert generate(lmms_eval, lm, [0], until=[stop])[0] == full.split(stop)[0].strip()
@@ -215,8 +228,8 @@ def test_until_truncates_and_sampling_needs_temperature(lmms_eval, lm):
     assert generate(lmms_eval, lm, [0], until=['', 'no such words'])[0] == full
     assert generate(lmms_eval, lm, [0], max_new_tokens=1)[0] == words[0]
     torch.manual_seed(0)
-    sampled = [generate(lmms_eval, lm, [0], temperature=5.0)[0] for _ in range(3)]
-    assert any(s != full for s in sampled)  # temperature > 0 samples
+    torch.manual_seed(0)
+    assert generate(lmms_eval, lm, [0], temperature=5.0)[0] != full  # temperature > 0 samples
 
 
 def reference_logprob(lm, doc, continuation_ids):
@@ -234,7 +247,7 @@ def reference_logprob(lm, doc, continuation_ids):
     return float(logprobs[torch.arange(n), continuation_ids].sum())
 
 
-def test_loglikelihood_of_the_greedy_answer(lmms_eval, lm, docs):
+def test_loglikelihood_is_the_mean_token_loss_and_flags_greedy(lmms_eval, lm, docs):
     from mllm.engine.inference import prompt_inputs, stop_token_ids
 
     doc = docs[0]
@@ -251,12 +264,13 @@ def test_loglikelihood_of_the_greedy_answer(lmms_eval, lm, docs):
     args = [(QUESTION, target, one_image, 0, 'toy', 'test')
             for target in (text, ' ' + text, lambda d: text, wrong)]
     results = lm.loglikelihood([request(lmms_eval, 'loglikelihood', a) for a in args])
-    expected = reference_logprob(lm, doc, greedy)
-    for logprob, is_greedy in results[:3]:  # ' ' + text: lmms-eval's target_delimiter
+    # lmms-eval's convention (its multiple_choice takes argmin): the mean token loss
+    expected = -reference_logprob(lm, doc, greedy) / len(greedy)
+    for loss, is_greedy in results[:3]:  # ' ' + text: lmms-eval's target_delimiter
         assert is_greedy is True
-        assert logprob == pytest.approx(expected, rel=1e-6) and logprob < 0
-    logprob, is_greedy = results[3]
-    assert is_greedy is False and logprob < expected - 1
+        assert loss == pytest.approx(expected, rel=1e-6) and loss > 0
+    loss, is_greedy = results[3]
+    assert is_greedy is False and loss > expected + 0.1
 
 
 @pytest.mark.parametrize('case', ['two_images', 'video'])
@@ -282,9 +296,10 @@ def without_stand_in():
     sys.modules.update(saved)
 
 
-def test_with_the_real_lmms_eval(without_stand_in, exported, docs):
+def test_with_the_real_lmms_eval(without_stand_in, exported, docs, chat_answers):
     """The real package, when installed: its base class, Instance, and model resolution."""
     pytest.importorskip('lmms_eval')
+    from lmms_eval import evaluator
     from lmms_eval.api.instance import Instance
     from lmms_eval.api.model import lmms
 
@@ -296,7 +311,8 @@ def test_with_the_real_lmms_eval(without_stand_in, exported, docs):
     lm = adapter.MLLMLmms.create_from_arg_string(
         f'pretrained={exported}', dict(batch_size=1, max_batch_size=None, device='cpu'))
     lm.task_dict = {'toy': {'test': docs}}
+    assert evaluator.unwrap_generation_output((0.5, False)) == ((0.5, False), None)
     instance = Instance('generate_until', (QUESTION, {'max_new_tokens': 6}, one_image, 0, 'toy',
                                            'test'), idx=0,
                         metadata=dict(task='toy', doc_id=0, repeats=1))
-    assert lm.generate_until([instance]) == [chat_answer(lm, docs[0]['image'], QUESTION)]
+    assert lm.generate_until([instance]) == chat_answers[:1]

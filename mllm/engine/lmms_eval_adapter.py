@@ -36,6 +36,7 @@ from mllm.datasets.collate import llava_collate
 from mllm.datasets.llava import expand_image_placeholder
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN, encode_conversation
 from mllm.engine.inference import load_for_inference, prompt_inputs, stop_token_ids
+from mllm.engine.patches import lmms_eval_keep_loglikelihood_pairs
 
 MODEL_NAME = 'mllm'
 CLASS_PATH = 'mllm.engine.lmms_eval_adapter.MLLMLmms'
@@ -159,6 +160,7 @@ class MLLMLmms(lmms):
         model, self.tokenizer, self.image_processor, self.template = load_for_inference(pretrained)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
         self.model = model.to(self._device, dtype).eval()
+        lmms_eval_keep_loglikelihood_pairs()  # the evaluator is loaded by now
 
     @property
     def device(self) -> torch.device:
@@ -219,9 +221,15 @@ class MLLMLmms(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
-        """(sum of the continuation tokens' log-probs, whether greedy decoding gives exactly
-        those tokens) per request. The continuation is scored as the assistant's answer; its
-        leading whitespace (lmms-eval's ``target_delimiter`` for plain LMs) is dropped, as the
+        """(loss, is_greedy) per request: loss is the mean negative log-likelihood of the
+        continuation tokens, -sum(log p) / n, and is_greedy whether greedy decoding gives
+        exactly those tokens.
+
+        NOTE: lmms-eval's docstring asks for the log-probability, but its multiple_choice
+        scoring picks ``argmin`` of the first value, because every lmms-eval model (llava,
+        llava_hf, qwen_vl, ...) returns the LM loss; a log-probability would pick the least
+        likely option. The continuation is scored as the assistant's answer; its leading
+        whitespace (lmms-eval's ``target_delimiter`` for plain LMs) is dropped, as the
         template's reply prefix takes that place."""
         results = []
         for request in requests:
@@ -247,7 +255,8 @@ class MLLMLmms(lmms):
             scores = logits[0, len(prompt) - 1:-1].float().log_softmax(-1)  # (A, V)
             target = torch.tensor(answer, device=scores.device)
             logprob = scores.gather(-1, target[:, None]).sum()
-            results.append((float(logprob), bool((scores.argmax(-1) == target).all())))
+            results.append((-float(logprob) / len(answer),
+                            bool((scores.argmax(-1) == target).all())))
         return results
 
     def generate_until_multi_round(self, requests) -> List[str]:
