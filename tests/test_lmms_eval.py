@@ -195,6 +195,8 @@ def test_registration_model_args_and_import_guard(lmms_eval, lm, exported, monke
         'mllm.engine.lmms_eval_adapter.MLLMLmms')
     with pytest.raises(TypeError, match=r"unknown model_args \['max_new_token'\]"):
         adapter.MLLMLmms.create_from_arg_string(f'pretrained={exported},max_new_token=3')
+    with pytest.raises(FileNotFoundError, match='not an exported model folder'):
+        adapter.MLLMLmms.create_from_arg_string(f'pretrained={exported}/llm')
     with pytest.raises(NotImplementedError, match='generate_until_multi_round'):
         lm.generate_until_multi_round([])
     # the evaluator keeps loglikelihood pairs instead of stringifying them
@@ -279,6 +281,37 @@ def test_unsupported_visuals_fail_naming_the_doc(lmms_eval, lm, case):
     with pytest.raises(ValueError, match='toy/test/doc 4: (2 images|doc_to_visual gave)'):
         lm.generate_until([request(lmms_eval, 'generate_until',
                                    (QUESTION, {}, visual, 4, 'toy', 'test'), 4)])
+
+
+def test_launcher_registers_the_model_and_fails_when_an_evaluation_fails(lmms_eval, monkeypatch,
+                                                                          capsys):
+    """``python -m mllm.engine.lmms_eval_adapter ARGS`` runs lmms-eval's CLI (a stand-in here
+    that, like lmms-eval 0.7.3, logs evaluation errors and returns normally)."""
+    evaluator, seen = lmms_eval.modules['lmms_eval.evaluator'], []
+
+    def simple_evaluate(model, model_args):
+        seen.append(lmms_eval.modules['lmms_eval.models'].AVAILABLE_SIMPLE_MODELS.get(model))
+        if 'bad' in model_args:
+            raise ValueError('no such folder')
+
+    def cli_main():
+        try:
+            evaluator.simple_evaluate(sys.argv[2], sys.argv[4])
+        except Exception:
+            pass  # lmms-eval's cli_evaluate: traceback.print_exc() and go on
+
+    monkeypatch.setattr(evaluator, 'simple_evaluate', simple_evaluate, raising=False)
+    monkeypatch.setitem(sys.modules, 'lmms_eval.cli', types.ModuleType('lmms_eval.cli'))
+    dispatch = types.ModuleType('lmms_eval.cli.dispatch')
+    dispatch.main = cli_main
+    monkeypatch.setitem(sys.modules, 'lmms_eval.cli.dispatch', dispatch)
+    monkeypatch.setattr(sys, 'argv', ['adapter'])
+    main = lmms_eval.adapter.main
+    assert main(['--model', 'mllm', '--model_args', 'pretrained=good']) == 0
+    assert main(['--model', 'mllm', '--model_args', 'pretrained=bad']) == 1
+    assert seen == ['mllm.engine.lmms_eval_adapter.MLLMLmms'] * 2
+    assert "evaluation failed: ValueError('no such folder')" in capsys.readouterr().err
+    assert evaluator.simple_evaluate is simple_evaluate  # restored
 
 
 @pytest.fixture

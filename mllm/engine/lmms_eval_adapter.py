@@ -35,7 +35,8 @@ except ImportError as err:  # optional dependency
 from mllm.datasets.collate import llava_collate
 from mllm.datasets.llava import expand_image_placeholder
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN, encode_conversation
-from mllm.engine.inference import load_for_inference, prompt_inputs, stop_token_ids
+from mllm.engine.export import load_pretrained
+from mllm.engine.inference import prompt_inputs, stop_token_ids
 from mllm.engine.patches import lmms_eval_keep_loglikelihood_pairs
 
 MODEL_NAME = 'mllm'
@@ -87,7 +88,8 @@ def request_inputs(context: str, images: list, tokenizer, template, image_proces
     batch = prompt_inputs(turns, tokenizer, template, image_processor,
                           images[0] if images else None)
     pixels = batch['pixel_values']  # (1, 3, H, W), or a list of slices
-    return dict(input_ids=batch['input_ids'][0], pixel_values=None if pixels is None else list(pixels))
+    return dict(input_ids=batch['input_ids'][0],
+                pixel_values=None if pixels is None else list(pixels))
 
 
 def continuation_ids(prompt: list, context: str, continuation: str, images: list, tokenizer,
@@ -157,7 +159,7 @@ class MLLMLmms(lmms):
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self._device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        model, self.tokenizer, self.image_processor, self.template = load_for_inference(pretrained)
+        model, self.tokenizer, self.image_processor, self.template = load_pretrained(pretrained)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
         self.model = model.to(self._device, dtype).eval()
         lmms_eval_keep_loglikelihood_pairs()  # the evaluator is loaded by now
@@ -245,8 +247,8 @@ class MLLMLmms(lmms):
             item = request_inputs(context, images, self.tokenizer, self.template,
                                   self.image_processor)
             prompt = item['input_ids'].tolist()
-            answer = continuation_ids(prompt, context, str(continuation).lstrip(), images, self.tokenizer,
-                                      self.template, self.image_processor, where)
+            answer = continuation_ids(prompt, context, str(continuation).lstrip(), images,
+                                      self.tokenizer, self.template, self.image_processor, where)
             item['input_ids'] = torch.tensor(prompt + answer)
             batch = self._to_device(llava_collate([item], pad_token_id=self.tokenizer.pad_token_id))
             logits = self.model(batch['input_ids'], attention_mask=batch['attention_mask'],
@@ -288,15 +290,35 @@ def register() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """lmms-eval's command line with ``--model mllm`` registered."""
+    """lmms-eval's command line with ``--model mllm`` registered. Exits 1 when an evaluation
+    failed: lmms-eval (0.7.3) logs the error and exits 0."""
+    from lmms_eval import evaluator
+
     register()
+    failures, simple_evaluate = [], evaluator.simple_evaluate
+
+    def recording_evaluate(*args, **kwargs):
+        try:
+            return simple_evaluate(*args, **kwargs)
+        except Exception as err:
+            failures.append(err)
+            raise
+
+    evaluator.simple_evaluate = recording_evaluate  # its CLI calls evaluator.simple_evaluate
     sys.argv = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
     try:
         from lmms_eval.cli.dispatch import main as lmms_eval_main  # >= 0.7
     except ImportError:
         from lmms_eval.__main__ import cli_evaluate as lmms_eval_main
-    result = lmms_eval_main()
-    return result if isinstance(result, int) else 0
+    try:
+        lmms_eval_main()
+    finally:
+        evaluator.simple_evaluate = simple_evaluate
+    if failures:
+        print(f'mllm.engine.lmms_eval_adapter: error: evaluation failed: {failures[0]!r}',
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == '__main__':
