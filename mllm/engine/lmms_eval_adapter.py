@@ -221,6 +221,17 @@ class MLLMLmms(lmms):
             answers += self._generate(chunk, chunk_kwargs)
         return answers
 
+    def _scoring_request(self, request) -> Tuple[str, str, list, str]:
+        """(context, continuation, images, where) of a loglikelihood request."""
+        if len(request.args) == 2:  # multiple_choice's unconditional (context, choice)
+            context, continuation = request.args
+            return context, str(continuation), [], 'request'
+        context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
+        where = f'{task}/{split}/doc {doc_id}'
+        doc = self._doc(task, split, doc_id)
+        continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+        return context, str(continuation), doc_images(doc_to_visual, doc, where), where
+
     @torch.no_grad()
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
         """(loss, is_greedy) per request: loss is the mean negative log-likelihood of the
@@ -235,19 +246,11 @@ class MLLMLmms(lmms):
         template's reply prefix takes that place."""
         results = []
         for request in requests:
-            if len(request.args) == 2:  # multiple_choice's unconditional (context, choice)
-                (context, continuation), doc, images, where = request.args, None, [], 'request'
-            else:
-                context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
-                where = f'{task}/{split}/doc {doc_id}'
-                doc = self._doc(task, split, doc_id)
-                continuation = (doc_to_target if isinstance(doc_to_target, str)
-                                else doc_to_target(doc))
-                images = doc_images(doc_to_visual, doc, where)
+            context, continuation, images, where = self._scoring_request(request)
             item = request_inputs(context, images, self.tokenizer, self.template,
                                   self.image_processor)
             prompt = item['input_ids'].tolist()
-            answer = continuation_ids(prompt, context, str(continuation).lstrip(), images,
+            answer = continuation_ids(prompt, context, continuation.lstrip(), images,
                                       self.tokenizer, self.template, self.image_processor, where)
             item['input_ids'] = torch.tensor(prompt + answer)
             batch = self._to_device(llava_collate([item], pad_token_id=self.tokenizer.pad_token_id))
