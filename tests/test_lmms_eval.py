@@ -195,6 +195,10 @@ def test_registration_model_args_and_import_guard(lmms_eval, lm, exported, monke
         'mllm.engine.lmms_eval_adapter.MLLMLmms')
     with pytest.raises(TypeError, match=r"unknown model_args \['max_new_token'\]"):
         adapter.MLLMLmms.create_from_arg_string(f'pretrained={exported},max_new_token=3')
+    with pytest.raises(ValueError, match="dtype must be one of .* got 'bf16'"):
+        adapter.MLLMLmms.create_from_arg_string(f'pretrained={exported},dtype=bf16')
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 'auto'"):
+        adapter.MLLMLmms.create_from_arg_string(f'pretrained={exported}', dict(batch_size='auto'))
     with pytest.raises(FileNotFoundError, match='not an exported model folder'):
         adapter.MLLMLmms.create_from_arg_string(f'pretrained={exported}/llm')
     with pytest.raises(NotImplementedError, match='generate_until_multi_round'):

@@ -43,6 +43,8 @@ MODEL_NAME = 'mllm'
 CLASS_PATH = 'mllm.engine.lmms_eval_adapter.MLLMLmms'
 # keys lmms-eval's evaluator adds to model_args (create_from_arg_string's additional_config)
 _EVALUATOR_KEYS = ('max_batch_size',)
+_DTYPES = {None: torch.float32, 'float32': torch.float32, 'bfloat16': torch.bfloat16,
+           'float16': torch.float16}
 
 
 # ------------------------------------------------------------------ request -> prompt
@@ -150,8 +152,11 @@ class MLLMLmms(lmms):
         if unknown:
             raise TypeError(f'unknown model_args {unknown} for --model {MODEL_NAME}; known: '
                             'pretrained, device, batch_size, max_new_tokens, dtype')
-        if str(batch_size) == 'auto' or int(batch_size) < 1:
+        if not str(batch_size).isdigit() or int(batch_size) < 1:  # lmms-eval also allows 'auto'
             raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}')
+        if dtype not in _DTYPES:
+            raise ValueError(f'dtype must be one of {sorted(filter(None, _DTYPES))}, '
+                             f'got {dtype!r}')
         if int(os.environ.get('WORLD_SIZE', 1)) > 1:
             raise RuntimeError('the mllm adapter runs in one process (WORLD_SIZE > 1 found); '
                                'launch `python -m mllm.engine.lmms_eval_adapter` without '
@@ -160,8 +165,7 @@ class MLLMLmms(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self._device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         model, self.tokenizer, self.image_processor, self.template = load_pretrained(pretrained)
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
-        self.model = model.to(self._device, dtype).eval()
+        self.model = model.to(self._device, _DTYPES[dtype]).eval()
         lmms_eval_keep_loglikelihood_pairs()  # the evaluator is loaded by now
 
     @property
