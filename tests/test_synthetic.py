@@ -45,7 +45,16 @@ def _read_tree(out):
 
 def test_layout_and_format(small_set):
     out, paths, train = small_set
-    assert set(paths) == {'train', 'val', 'image_folder', 'tokenizer'}
+    assert set(paths) == {'train', 'val', 'image_folder', 'boxes', 'tokenizer'}
+    from mllm.datasets.boxes import load_box_file
+    boxes = load_box_file(paths['boxes'])
+    assert set(boxes) == {s['image'] for s in train} | {f'val/{i:06d}.png'
+                                                      for i in range(SMALL['num_val'])}
+    for s in train:  # one box per drawn shape, plus the marked patch of fine_detail scenes
+        n_shapes = (('one', 'two', 'three', 'four').index(s['conversations'][1]['value']) + 1
+                    if s['category'] == 'count' else 1)
+        assert boxes[s['image']]['labels'] == ['shape'] * n_shapes + (
+            ['box'] if s['category'] == 'fine_detail' else [])
     assert len(train) == SMALL['num_train']
     assert train[0]['id'] == 'train_000000' and train[0]['image'] == 'train/000000.png'
     for s in train:
