@@ -126,16 +126,33 @@ class LLaVAModel(BaseModel):
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, mode: str = 'loss',
+                position_ids: Optional[torch.Tensor] = None,
                 **unused) -> Dict[str, torch.Tensor]:
+        """``position_ids`` without ``attention_mask`` is a packed batch
+        (``packed_llava_collate``): every sample attends only to itself."""
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        if position_ids is not None and attention_mask is None:
+            attention_mask = self._packed_attention_mask(position_ids, inputs_embeds.dtype)
+        kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=False)
         if mode == 'loss':
-            out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           labels=labels, use_cache=False)
-            return {'loss': out.loss}
+            return {'loss': self.llm(labels=labels, **kwargs).loss}
         if mode == 'tensor':
-            return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                            use_cache=False).logits
+            return self.llm(**kwargs).logits
         raise ValueError(f"mode must be 'loss' or 'tensor' (use generate() to predict), got {mode!r}")
+
+    def _packed_attention_mask(self, position_ids: torch.Tensor,
+                               dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Block-diagonal causal mask (B, 1, T, T), additive as HF expects a 4-D mask;
+        None for flash-attention-2, whose varlen path reads sample starts from the
+        position ids (no T x T mask at all)."""
+        if getattr(self.llm.config, '_attn_implementation', None) == 'flash_attention_2':
+            return None
+        segment = (position_ids == 0).cumsum(-1)  # (B, T): sample number within the row
+        same = segment.unsqueeze(-1) == segment.unsqueeze(-2)  # (B, T, T)
+        allowed = same & torch.ones_like(same[0]).tril()  # causal inside each sample
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
