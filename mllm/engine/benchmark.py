@@ -1,0 +1,345 @@
+"""Benchmarks behind ``mllm bench``: mllm's training path against stock XTuner 0.2.0's.
+
+``bench train`` trains the same tiny LLaVA (same HF weights on disk, same projector init,
+same samples in the same global batches, same optimiser) twice in one process, with
+mllm's ``LLaVAModel`` + ``LLaVADataset`` + ``packed_llava_collate`` and with XTuner's
+``LLaVAModel`` + ``LLaVADataset`` + ``default_collate_fn``, steps interleaved so machine
+noise hits both alike, and reports real (non-pad) tokens per second for each.
+
+The data is a benchmark-only variant of the synthetic set with LLaVA-665K-like lengths:
+mostly short VQA answers, some conversations, some long descriptions and ~6 % text-only
+samples (ShareGPT's share of the 665K mix).
+"""
+import json
+import os
+import os.path as osp
+import random
+import statistics
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from mllm.datasets.templates import IMAGE_TOKEN_INDEX
+
+# Tiny architecture = configs/_base_/{llms/tiny_llama,vision/tiny_clip}.py
+TINY_LLM = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, intermediate_size=352, vocab_size=256,
+                rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=False)
+TINY_VIT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                num_attention_heads=4, image_size=64, patch_size=8)
+
+# Caption words for the long answers (the word-level tokenizer allows < 256 tokens).
+_WORDS = ('the a an of in on with and is are there this image shows picture scene near next to '
+          'behind above below left right top bottom side corner middle background foreground '
+          'small large big tiny bright dark light red green blue yellow purple orange grey '
+          'white black circle square triangle cross shape shapes object objects box frame '
+          'pattern stripes rows columns checks plain one two three four several many some '
+          'it has have can be seen appears looks like placed drawn filled outlined around '
+          'edge centre center close far from each other together single pair group table '
+          'sky wall floor person dog cat car tree house window door road water because so '
+          'but also very quite slightly mostly partly clearly visible hidden detailed '
+          'describe what where how many which colour color answer question using word '
+          'phrase please briefly explain').split()
+_SHORT_PROMPT = 'Answer the question using a single word or phrase.'
+_QUESTIONS = ('What colour is the shape?', 'Where is the shape?', 'How many shapes are there?',
+              'What shape is shown?', 'Describe this image in detail.',
+              'What is in the picture?', 'Explain the scene.')
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return ' '.join(rng.choice(_WORDS) for _ in range(n)) + '.'
+
+
+def _bench_sample(rng: random.Random, i: int) -> dict:
+    """One sample; the mix of kinds and lengths mimics LLaVA-665K (see module docstring)."""
+    kind = rng.choices(('vqa', 'conversation', 'detail', 'text'), (0.55, 0.25, 0.14, 0.06))[0]
+    if kind == 'vqa':  # VQAv2/GQA style: one short answer
+        q, a = f'{rng.choice(_QUESTIONS)} {_SHORT_PROMPT}', _sentence(rng, rng.randint(1, 3))
+    elif kind == 'conversation':  # LLaVA-Instruct conversation answers
+        q, a = rng.choice(_QUESTIONS), _sentence(rng, rng.randint(8, 60))
+    elif kind == 'detail':  # detailed descriptions
+        q, a = 'Describe this image in detail.', _sentence(rng, rng.randint(60, 180))
+    else:  # ShareGPT text-only
+        q, a = _sentence(rng, rng.randint(5, 40)), _sentence(rng, rng.randint(20, 200))
+    sample = dict(id=f'bench_{i:06d}', conversations=[
+        {'from': 'human', 'value': q if kind == 'text' else f'<image>\n{q}'},
+        {'from': 'gpt', 'value': a}])
+    if kind != 'text':
+        sample['image'] = f'train/{i:06d}.png'
+    return sample
+
+
+def write_bench_data(root: str, num_samples: int = 512, seed: int = 0) -> Dict[str, str]:
+    """Images of the synthetic set plus varied-length single-turn conversations.
+
+    Single-turn only: XTuner puts a BOS before every turn, mllm (like LLaVA) only before
+    the first, and the benchmark asserts both paths train on identical token ids.
+
+    Returns:
+        dict(data_path=, image_folder=, tokenizer=).
+    """
+    from mllm.datasets.synthetic import build_tokenizer, generate_synthetic_vqa
+
+    paths = generate_synthetic_vqa(osp.join(root, 'synthetic'), num_train=num_samples,
+                                   num_val=0, image_size=256, seed=seed)
+    rng = random.Random(f'mllm-bench-{seed}')
+    samples = [_bench_sample(rng, i) for i in range(num_samples)]
+    data_path = osp.join(root, 'bench.json')
+    with open(data_path, 'w') as f:
+        json.dump(samples, f)
+    tokenizer_dir = osp.join(root, 'tokenizer')
+    build_tokenizer(list(_WORDS) + list(_QUESTIONS) + [_SHORT_PROMPT]).save_pretrained(
+        tokenizer_dir)
+    return dict(data_path=data_path, image_folder=paths['image_folder'],
+                tokenizer=tokenizer_dir)
+
+
+def save_tiny_checkpoints(root: str, llm_layers: int = 2, image_size: int = 64,
+                          seed: int = 0) -> Dict[str, str]:
+    """Random tiny Llama and CLIP ViT written with ``save_pretrained``: both paths load
+    exactly these weights."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    llm_dir, vision_dir = osp.join(root, 'llm'), osp.join(root, 'vision')
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(**dict(TINY_LLM, num_hidden_layers=llm_layers))
+                         ).save_pretrained(llm_dir)
+        CLIPVisionModel(CLIPVisionConfig(**dict(TINY_VIT, image_size=image_size))
+                        ).save_pretrained(vision_dir)
+    return dict(llm=llm_dir, vision=vision_dir)
+
+
+# --------------------------------------------------------------------------- both paths
+def _xtuner_map_fn(example):
+    """XTuner's ``llava_map_fn`` plus the vicuna_v1 system prompt, which XTuner's stock
+    LLaVA configs leave out and LLaVA-1.5 (and mllm) use: both paths then tokenise to
+    identical ids, so they do identical work."""
+    from xtuner.dataset.map_fns import llava_map_fn
+    out = llava_map_fn(example)
+    out['conversation'][0]['system'] = ' '  # PROMPT_TEMPLATE.vicuna.SYSTEM holds the text
+    return out
+
+
+def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int,
+                    patch_size: int, attn: str = 'sdpa'):
+    """mllm's LLaVAModel (projector + LLM train, vision frozen: the finetune recipe) and
+    LLaVADataset."""
+    import mllm.models  # noqa: F401  (registers the model parts)
+    from mllm.datasets.image_processing import LLaVAImageProcessor
+    from mllm.datasets.llava import LLaVADataset
+    from mllm.registry import MODELS
+
+    model = MODELS.build(dict(
+        type='LLaVAModel', trainable=['projector', 'llm'],
+        llm=dict(type='HFCausalLM', pretrained=ckpt['llm'], attn_implementation=attn),
+        vision_encoder=dict(type='CLIPVisionEncoder', pretrained=ckpt['vision'],
+                            select_layer=-2)))
+    dataset = LLaVADataset(paths['data_path'], tokenizer=dict(pretrained=paths['tokenizer']),
+                           template='vicuna_v1', image_folder=paths['image_folder'],
+                           image_processor=LLaVAImageProcessor(size=image_size,
+                                                               token_stride=patch_size),
+                           max_length=4096)
+    return model, dataset
+
+
+def build_xtuner_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int,
+                      work_dir: str, attn: str = 'sdpa'):
+    """Stock XTuner 0.2.0: ``LLaVAModel`` with the stock finetune settings (vision frozen,
+    LLM trains, projector depth 2, layer -2) built from the same checkpoints, and
+    ``LLaVADataset`` with the vicuna template, pad-to-square and CLIP's image processor.
+
+    Text is tokenised with XTuner's own ``process_hf_dataset`` (one process, not its
+    default 32) and loaded through ``offline_processed_text_folder``, XTuner's documented
+    offline path. Towers are passed as built modules, which skips the dtype probing that
+    calls the missing ``torch.cpu.is_bf16_supported`` (REFERENCE.md §3). Activation
+    checkpointing is off, as on mllm's side.
+    """
+    from datasets import DatasetDict
+    from datasets import Dataset as HFDataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
+    from xtuner.dataset import LLaVADataset
+    from xtuner.dataset.huggingface import process_hf_dataset
+    from xtuner.dataset.map_fns import template_map_fn_factory
+    from xtuner.model import LLaVAModel
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    llm = AutoModelForCausalLM.from_pretrained(ckpt['llm'], attn_implementation=attn,
+                                               torch_dtype=torch.float32)
+    model = LLaVAModel(llm=llm, visual_encoder=CLIPVisionModel.from_pretrained(ckpt['vision']),
+                       freeze_llm=False, freeze_visual_encoder=True, visual_select_layer=-2,
+                       projector_depth=2, use_activation_checkpointing=False)
+    tokenizer = AutoTokenizer.from_pretrained(paths['tokenizer'])
+    text_dir = osp.join(work_dir, 'xtuner_text')
+    with open(paths['data_path']) as f:
+        raw = json.load(f)
+    for sample in raw:  # HF datasets needs one schema: text-only samples get image=None
+        sample.setdefault('image', None)
+    process_hf_dataset(
+        dataset=DatasetDict({'train': HFDataset.from_list(raw)}), tokenizer=tokenizer,
+        max_length=4096, dataset_map_fn=_xtuner_map_fn,
+        template_map_fn=dict(type=template_map_fn_factory, template=PROMPT_TEMPLATE.vicuna),
+        split='train', remove_unused_columns=False, pack_to_max_length=False,
+        with_image_token=True, map_num_proc=1).save_to_disk(text_dir)
+    processor = CLIPImageProcessor(size={'shortest_edge': image_size},
+                                   crop_size={'height': image_size, 'width': image_size})
+    dataset = LLaVADataset(image_folder=paths['image_folder'], image_processor=processor,
+                           offline_processed_text_folder=text_dir, pad_image_to_square=True)
+    return model, dataset
+
+
+def copy_projector(mllm_model, xtuner_model) -> None:
+    """XTuner's projector (``model.0`` / ``model.2``) gets mllm's (``linear_1`` / ``linear_2``)
+    weights, so both models start identical."""
+    src = mllm_model.projector
+    state = {'model.0.weight': src.linear_1.weight, 'model.0.bias': src.linear_1.bias,
+             'model.2.weight': src.linear_2.weight, 'model.2.bias': src.linear_2.bias}
+    xtuner_model.projector.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+
+
+def collapse_image_runs(ids: List[int]) -> List[int]:
+    """mllm's ids with each run of image sentinels reduced to one (XTuner's layout)."""
+    return [t for k, t in enumerate(ids) if t != IMAGE_TOKEN_INDEX or k == 0 or
+            ids[k - 1] != IMAGE_TOKEN_INDEX]
+
+
+def check_same_tokens(mllm_dataset, xtuner_dataset, indices) -> None:
+    """Both paths must train on identical token ids and labels for every sample."""
+    from mllm.datasets.templates import IGNORE_INDEX
+
+    for i in indices:
+        ours = mllm_dataset.encode(i)
+        theirs = xtuner_dataset.text_data[i]
+        ids = collapse_image_runs(ours['input_ids'].tolist())
+        keep = [k for k, t in enumerate(ours['input_ids'].tolist())
+                if t != IMAGE_TOKEN_INDEX or k == 0 or ours['input_ids'][k - 1] != IMAGE_TOKEN_INDEX]
+        labels = [ours['labels'][k].item() for k in keep]
+        if ids != theirs['input_ids'] or labels != theirs['labels']:
+            raise AssertionError(f'sample {i} ({theirs.get("id")}): mllm and XTuner token ids '
+                                 f'differ:\n{ids}\n{theirs["input_ids"]}')
+        assert all(t == IGNORE_INDEX for t in labels[:1]), 'the first label must be ignored'
+
+
+def grouped_batches(xtuner_dataset, batch_size: int, steps: int, seed: int) -> List[List[int]]:
+    """The global batches of XTuner's stock finetune sampler (``LengthGroupedSampler`` on
+    ``modality_length``, ``per_device_batch_size`` = batch size); both paths get these."""
+    from xtuner.dataset.samplers import LengthGroupedSampler
+
+    order = list(LengthGroupedSampler(xtuner_dataset, per_device_batch_size=batch_size,
+                                      length_property='modality_length', seed=seed))
+    if len(order) < batch_size * steps:
+        raise ValueError(f'{steps} steps of {batch_size} need {batch_size * steps} samples, '
+                         f'the benchmark set has {len(order)}')
+    return [order[k * batch_size:(k + 1) * batch_size] for k in range(steps)]
+
+
+class _Path:
+    """One training path: loader over fixed batches, model, AdamW; ``step()`` times one
+    iteration (data loading + forward + backward + optimiser) and returns its loss."""
+
+    def __init__(self, name, model, dataset, collate, batches, lr):
+        from torch.utils.data import DataLoader
+        self.name, self.model = name, model
+        self.loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                      num_workers=0))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.seconds, self.data_seconds, self.losses, self.seen = [], [], [], []
+
+    def step(self):
+        start = time.perf_counter()
+        batch = next(self.loader)
+        self.data_seconds.append(time.perf_counter() - start)
+        self.seen.append(batch.pop('sample_ids'))
+        loss = self.forward(batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.seconds.append(time.perf_counter() - start)
+        self.losses.append(loss.item())
+
+    def forward(self, batch):
+        raise NotImplementedError
+
+
+class _MllmPath(_Path):
+    def forward(self, batch):
+        return self.model(**batch, mode='loss')['loss']
+
+
+class _XtunerPath(_Path):
+    def forward(self, batch):
+        return self.model(batch['data'], mode='loss')['loss']
+
+
+def _mllm_collate(instances):
+    from mllm.datasets.collate import packed_llava_collate
+    batch = packed_llava_collate(instances)
+    batch['sample_ids'] = sorted(i for row in batch.pop('sample_rows') for i in row)
+    return batch
+
+
+def _xtuner_collate(instances):
+    from xtuner.dataset.collate_fns import default_collate_fn
+    batch = default_collate_fn(instances)
+    batch['sample_ids'] = sorted(int(x['id'].split('_')[-1]) for x in instances)
+    return batch
+
+
+def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: int = 3,
+                num_samples: int = 512, seed: int = 0, lr: float = 2e-5,
+                llm_layers: int = 2) -> dict:
+    """Train mllm's and XTuner's path side by side; tokens/s of both and their ratio.
+
+    Args:
+        work_dir: where the data, checkpoints and XTuner's tokenised text are written.
+        steps: optimiser steps per path, ``warmup`` of them untimed. Defaults to 30.
+        batch_size: samples per global batch (XTuner's per-device 16). Defaults to 16.
+        warmup: first steps left out of the timing. Defaults to 3.
+        num_samples: size of the generated set. Defaults to 512.
+        seed: data, weights and sampler seed. Defaults to 0.
+        lr: AdamW learning rate (LLaVA-1.5 finetune's 2e-5). Defaults to 2e-5.
+        llm_layers: decoder layers of the tiny LLM. Defaults to 2.
+
+    Returns:
+        dict with ``mllm_tokens_per_s``, ``xtuner_tokens_per_s``, ``ratio`` and the
+        losses, token and padding counts behind them.
+    """
+    if steps <= warmup:
+        raise ValueError(f'steps ({steps}) must exceed warmup ({warmup})')
+    paths = write_bench_data(osp.join(work_dir, 'data'), num_samples, seed)
+    ckpt = save_tiny_checkpoints(osp.join(work_dir, 'ckpt'), llm_layers=llm_layers, seed=seed)
+    torch.manual_seed(seed)
+    ours, our_data = build_mllm_path(paths, ckpt, TINY_VIT['image_size'], TINY_VIT['patch_size'])
+    theirs, their_data = build_xtuner_path(paths, ckpt, TINY_VIT['image_size'], work_dir)
+    copy_projector(ours, theirs)
+    batches = grouped_batches(their_data, batch_size, steps, seed)
+    check_same_tokens(our_data, their_data, sorted({i for b in batches for i in b}))
+    runs = [_MllmPath('mllm', ours, our_data, _mllm_collate, batches, lr),
+            _XtunerPath('xtuner', theirs, their_data, _xtuner_collate, batches, lr)]
+    for k in range(steps):
+        for run in (runs if k % 2 == 0 else runs[::-1]):  # alternate who goes first
+            run.step()
+    for k, batch in enumerate(batches):
+        if not runs[0].seen[k] == runs[1].seen[k] == sorted(batch):
+            raise AssertionError(f'step {k}: the paths saw different samples')
+    lengths = [len(our_data.encode(i)['input_ids']) for i in range(len(our_data))]
+    tokens = [sum(lengths[i] for i in b) for b in batches]
+    timed = sum(tokens[warmup:])
+    result = {f'{r.name}_tokens_per_s': timed / sum(r.seconds[warmup:]) for r in runs}
+    result['ratio'] = result['mllm_tokens_per_s'] / result['xtuner_tokens_per_s']
+    # per batch, both paths ran back to back: the median of those ratios shrugs off bursts
+    # of load from other processes better than the ratio of sums
+    result['median_step_ratio'] = statistics.median(
+        x / m for m, x in zip(runs[0].seconds[warmup:], runs[1].seconds[warmup:]))
+    result.update(
+        steps=steps, warmup=warmup, batch_size=batch_size, llm_layers=llm_layers,
+        tokens_timed=timed,
+        padded_tokens_xtuner=sum(max(lengths[i] for i in b) * len(b) for b in batches[warmup:]),
+        mllm_losses=runs[0].losses, xtuner_losses=runs[1].losses,
+        max_loss_diff=max(abs(a - b) for a, b in zip(runs[0].losses, runs[1].losses)),
+        same_samples=True, torch_threads=torch.get_num_threads())
+    for r in runs:
+        result[f'{r.name}_data_share'] = sum(r.data_seconds[warmup:]) / sum(r.seconds[warmup:])
+    return result
