@@ -343,3 +343,120 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: in
     for r in runs:
         result[f'{r.name}_data_share'] = sum(r.data_seconds[warmup:]) / sum(r.seconds[warmup:])
     return result
+
+
+# --------------------------------------------------------------- full-size step, projection
+A100_BF16_PEAK = 312e12  # dense bf16 tensor-core FLOP/s, NVIDIA A100 datasheet
+# Samples per epoch: LLaVA-1.5's LCS-558K (blip_laion_cc_sbu_558k.json, 558,128) and
+# llava_v1_5_mix665k.json (665,298), as listed in the LLaVA repository's data docs.
+DATASET_SAMPLES = {'pretrain': 558_128, 'finetune': 665_298}
+# Text tokens per sample (assumed, not measured here): LCS-558K captions are short BLIP
+# captions (~60 with the prompt); the 665K mix averages a few hundred (multi-turn
+# conversations next to one-phrase VQA answers).
+TEXT_TOKENS = {'pretrain': 60, 'finetune': 300}
+
+
+def train_flops_per_sample(llm_params: int, llm_layers: int, llm_hidden: int, seq_len: int,
+                           vision_forward_flops: float, llm_trainable: bool = True) -> float:
+    """Model FLOPs of one sample's forward + backward (recomputation not counted, as MFU
+    requires).
+
+    LLM: 2N per token forward, 4N backward when its weights train (input and weight
+    gradients), 2N when frozen (input gradients only, to reach the projector); attention
+    scores add 2 x 2 x layers x hidden x seq per token forward (QK^T and AV), three times
+    that with the backward (PaLM, Chowdhery et al. 2022, appendix B). A frozen vision tower
+    runs forward only: ``vision_forward_flops`` per sample.
+    """
+    per_token = (6 if llm_trainable else 4) * llm_params
+    attention = 3 * 4 * llm_layers * llm_hidden * seq_len
+    return seq_len * (per_token + attention) + vision_forward_flops
+
+
+def project_hours(flops_per_sample: float, samples: int, mfu: float, gpus: int = 8,
+                  peak: float = A100_BF16_PEAK) -> float:
+    """Wall hours for ``samples`` on ``gpus`` GPUs running at ``mfu`` of ``peak``."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f'mfu must be in (0, 1], got {mfu}')
+    return flops_per_sample * samples / (gpus * peak * mfu) / 3600
+
+
+def _random_batch(model, processor, batch: int, text_tokens: int, device, dtype, vocab: int):
+    """``batch`` samples of one image + ``text_tokens`` random tokens, answers on the
+    second half of the text (labels), no padding."""
+    size = (processor.size, processor.size)
+    visual = model.num_visual_tokens(size)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, 1 + visual + text_tokens), generator=g)
+    ids[:, 1:1 + visual] = IMAGE_TOKEN_INDEX
+    labels = ids.clone()
+    labels[:, :1 + visual + text_tokens // 2] = -100
+    pixels = torch.randn(batch, 3, size[1], size[0], generator=g)
+    return dict(input_ids=ids.to(device), labels=labels.to(device),
+                attention_mask=torch.ones_like(ids).to(device),
+                pixel_values=pixels.to(device, dtype)), visual
+
+
+def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 3,
+               batch: Optional[int] = None, text_tokens: Optional[int] = None,
+               gpus: int = 8) -> dict:
+    """Forward + backward of a config's model with random weights on one device: tokens/s,
+    TFLOP/s, MFU against the A100 bf16 peak, and the projected 8-GPU hours for one epoch
+    of the stage's data at that MFU.
+
+    On CUDA: bf16 weights, SDPA attention and the config's gradient checkpointing. The
+    optimiser step is left out (under ZeRO it is sharded over the GPUs and small next to
+    forward + backward). On CPU (tiny configs) fp32, for testing the arithmetic.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import mllm.models  # noqa: F401
+    from mllm.registry import MODELS, TRANSFORMS
+
+    cuda = device.startswith('cuda')
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model_cfg = cfg.model.copy()
+    model_cfg['llm'] = dict(model_cfg['llm'], load_weights=False, pretrained=None,
+                            torch_dtype='bfloat16' if cuda else 'float32',
+                            attn_implementation='sdpa')
+    model_cfg['vision_encoder'] = dict(model_cfg['vision_encoder'], load_weights=False,
+                                       pretrained=None)
+    model_cfg.pop('lora', None)
+    torch.manual_seed(0)
+    model = MODELS.build(model_cfg).to(device, dtype).train()
+    processor = TRANSFORMS.build(cfg.image_processor)
+    llm_cfg = model.llm.config
+    batch = batch or cfg.train_dataloader.batch_size
+    text_tokens = text_tokens or TEXT_TOKENS[stage]
+    data, visual = _random_batch(model, processor, batch, text_tokens, device, dtype,
+                                 llm_cfg.vocab_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encode_images(data['pixel_values'][:1])
+    vision_flops = counter.get_total_flops()  # one image, forward
+    seconds = []
+    for k in range(steps + 1):  # the first step warms up (allocator, kernels)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**data, mode='loss')['loss'].backward()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    step = statistics.median(seconds[1:])
+    llm_params = sum(p.numel() for p in model.llm.parameters())
+    seq = 1 + visual + text_tokens
+    llm_trainable = any(p.requires_grad for p in model.llm.parameters())
+    flops = train_flops_per_sample(llm_params, llm_cfg.num_hidden_layers, llm_cfg.hidden_size,
+                                   seq, vision_flops, llm_trainable)
+    achieved = flops * batch / step
+    mfu = achieved / A100_BF16_PEAK
+    result = dict(device=torch.cuda.get_device_name() if cuda else 'cpu', stage=stage,
+                  batch=batch, seq_len=seq, visual_tokens=visual, step_s=step,
+                  tokens_per_s=batch * seq / step, tflops=achieved / 1e12,
+                  flops_per_sample=flops, mfu_vs_a100=mfu, samples=DATASET_SAMPLES[stage],
+                  gradient_checkpointing=bool(cfg.model.get('gradient_checkpointing')))
+    result['projected_hours_8xA100'] = project_hours(flops, DATASET_SAMPLES[stage], min(mfu, 1.0),
+                                                     gpus=gpus)
+    if cuda:
+        result['peak_memory_gb'] = torch.cuda.max_memory_allocated() / 1e9
+    return result
