@@ -287,7 +287,7 @@ def _xtuner_collate(instances):
     return batch
 
 
-def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: int = 3,
+def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Optional[int] = None,
                 num_samples: int = 512, seed: int = 0, lr: float = 2e-5,
                 llm_layers: int = 2) -> dict:
     """Train mllm's and XTuner's path side by side; tokens/s of both and their ratio.
@@ -296,7 +296,7 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: in
         work_dir: where the data, checkpoints and XTuner's tokenised text are written.
         steps: optimiser steps per path, ``warmup`` of them untimed. Defaults to 30.
         batch_size: samples per global batch (XTuner's per-device 16). Defaults to 16.
-        warmup: first steps left out of the timing. Defaults to 3.
+        warmup: first steps left out of the timing. Defaults to min(3, steps // 2).
         num_samples: size of the generated set. Defaults to 512.
         seed: data, weights and sampler seed. Defaults to 0.
         lr: AdamW learning rate (LLaVA-1.5 finetune's 2e-5). Defaults to 2e-5.
@@ -306,6 +306,7 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: in
         dict with ``mllm_tokens_per_s``, ``xtuner_tokens_per_s``, ``ratio`` and the
         losses, token and padding counts behind them.
     """
+    warmup = min(3, steps // 2) if warmup is None else warmup
     if steps <= warmup:
         raise ValueError(f'steps ({steps}) must exceed warmup ({warmup})')
     paths = write_bench_data(osp.join(work_dir, 'data'), num_samples, seed)

@@ -1,0 +1,158 @@
+"""Benchmarks: the faster training path gives the reference loss, both benchmark paths see
+the same samples, the JSON keys, and the FLOPs / projection arithmetic."""
+import json
+
+import pytest
+import torch
+
+from mllm.datasets.collate import llava_collate, pack_rows, packed_llava_collate
+from mllm.engine.benchmark import (A100_BF16_PEAK, collapse_image_runs, project_hours,
+                                   train_flops_per_sample)
+from mllm.registry import MODELS
+
+
+def _instances(lengths, num_visual=16, image_size=32, seed=1):
+    """Samples of the given text lengths; every third is text-only, first half unlabelled."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(5, 256, (n,), generator=g)
+        ids[0] = 1
+        labels = ids.clone()
+        labels[:n // 2] = -100
+        pixels = None
+        if i % 3 != 2:
+            ids = torch.cat([ids[:1], torch.full((num_visual,), -200), ids[1:]])
+            labels = torch.cat([labels[:1], torch.full((num_visual,), -100), labels[1:]])
+            pixels = torch.randn(3, image_size, image_size, generator=g)
+        out.append(dict(input_ids=ids, labels=labels, pixel_values=pixels, index=10 + i))
+    return out
+
+
+@pytest.fixture
+def trainable_model(tiny_model_cfg):
+    torch.manual_seed(0)
+    tiny_model_cfg['trainable'] = ['projector', 'llm']
+    tiny_model_cfg['llm']['attn_implementation'] = 'sdpa'
+    model = MODELS.build(tiny_model_cfg)
+    # HF's init (std 0.02) leaves attention near-uniform and its output tiny, so a leak
+    # between packed samples would hardly move the loss; larger weights make it count
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_pack_rows_first_fit_decreasing():
+    # decreasing: 50 | 30 + 20 | 12 + 10 + 7
+    assert pack_rows([30, 10, 12, 50, 7, 20], 50) == [[0, 5], [1, 2, 4], [3]]
+    with pytest.raises(ValueError, match='sample 1 has 9 tokens, more than the pack length 8'):
+        pack_rows([3, 9], 8)
+
+
+@pytest.mark.parametrize('attn', ['sdpa', 'eager'])
+def test_packed_loss_and_grads_equal_padded(trainable_model, attn):
+    """Packing several samples per row with per-sample attention is the same computation."""
+    model = trainable_model
+    model.llm.config._attn_implementation = attn
+    instances = _instances([30, 10, 12, 50, 7, 20])
+    padded, packed = llava_collate(instances), packed_llava_collate(instances)
+    assert packed['input_ids'].shape[0] < padded['input_ids'].shape[0]  # it did pack
+    assert packed['sample_rows'] == [[10, 15], [11, 12, 14], [13]]
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss = model(**batch)['loss']
+        loss.backward()
+        grads.append((loss.detach(), model.projector.linear_1.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-7)
+    # control: the same packed rows with one plain causal mask let samples see each other
+    leaky = dict(packed, attention_mask=torch.ones_like(packed['input_ids']))
+    assert abs(model(**leaky)['loss'].item() - grads[0][0].item()) > 0.01
+
+
+def test_answer_only_head_equals_hf_loss(trainable_model):
+    """The LM head on learned positions only gives HF's full-logits loss."""
+    batch = llava_collate(_instances([25, 40, 9, 33]))
+    ours = trainable_model(**batch)['loss']
+    embeds = trainable_model.embed_inputs(batch['input_ids'], batch['pixel_values'])
+    reference = trainable_model.llm(inputs_embeds=embeds, attention_mask=batch['attention_mask'],
+                                    labels=batch['labels']).loss
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_mllm_loss_equals_stock_xtuner_loss(saved_tiny_checkpoints, tiny_model_cfg):
+    """Same weights, same batch: mllm's packed path gives stock XTuner LLaVAModel's loss."""
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.model import LLaVAModel as XTunerLLaVA
+
+    from mllm.engine.benchmark import copy_projector
+    cfg = dict(tiny_model_cfg, trainable=['projector', 'llm'])
+    cfg['llm'] = dict(type='HFCausalLM', pretrained=saved_tiny_checkpoints['llm'],
+                      attn_implementation='sdpa')
+    cfg['vision_encoder'] = dict(type='CLIPVisionEncoder', pretrained=saved_tiny_checkpoints['vision'])
+    ours = MODELS.build(cfg)
+    theirs = XTunerLLaVA(
+        llm=AutoModelForCausalLM.from_pretrained(saved_tiny_checkpoints['llm'],
+                                                 attn_implementation='sdpa'),
+        visual_encoder=CLIPVisionModel.from_pretrained(saved_tiny_checkpoints['vision']),
+        freeze_visual_encoder=True, use_activation_checkpointing=False)
+    copy_projector(ours, theirs)
+    instances = _instances([30, 10, 12, 50, 7, 20])
+    ours_loss = ours(**packed_llava_collate(instances))['loss']
+    # XTuner's layout: one -200 per image, expanded inside its model
+    from xtuner.dataset.collate_fns import default_collate_fn
+    xt = [dict(input_ids=collapse_image_runs(x['input_ids'].tolist()),
+               labels=[x['labels'][k].item() for k, t in enumerate(x['input_ids'].tolist())
+                       if t != -200 or x['input_ids'][k - 1] != -200],
+               pixel_values=x['pixel_values'] if x['pixel_values'] is not None
+               else torch.zeros(3, 32, 32)) for x in instances]
+    theirs_loss = theirs(default_collate_fn(xt)['data'], mode='loss')['loss']
+    torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_collapse_image_runs():
+    assert collapse_image_runs([1, -200, -200, -200, 7, -200, 8]) == [1, -200, 7, -200, 8]
+
+
+def test_bench_train_cli_json(tmp_path, capsys):
+    """A short side-by-side run: JSON keys, same samples per step, equal losses."""
+    from mllm.cli import main
+    assert main(['bench', 'train', '--json', '--steps', '3', '--batch-size', '4',
+                 '--samples', '24', '--work-dir', str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {'mllm_tokens_per_s', 'xtuner_tokens_per_s', 'ratio'} <= set(result)
+    assert result['same_samples'] is True
+    assert result['ratio'] == pytest.approx(result['mllm_tokens_per_s'] /
+                                            result['xtuner_tokens_per_s'])
+    assert len(result['mllm_losses']) == len(result['xtuner_losses']) == 3
+    assert result['max_loss_diff'] < 1e-4  # identical models, ids and batches
+
+
+def test_flops_per_sample_and_projection():
+    # vicuna7b LLaVA-1.5 finetune sample: 1 + 576 + 300 tokens
+    flops = train_flops_per_sample(6_738_415_616, 32, 4096, 877, vision_forward_flops=0.0)
+    assert flops == 877 * (6 * 6_738_415_616 + 12 * 32 * 4096 * 877)
+    frozen = train_flops_per_sample(100, 1, 8, 10, 5.0, llm_trainable=False)
+    assert frozen == 10 * (4 * 100 + 12 * 8 * 10) + 5.0
+    # 1e18 FLOPs x 1e6 samples on 8 GPUs at 50% of 312 TFLOP/s
+    assert project_hours(1e18, 10 ** 6, 0.5) == pytest.approx(
+        1e24 / (8 * A100_BF16_PEAK * 0.5) / 3600)
+    with pytest.raises(ValueError, match='mfu'):
+        project_hours(1.0, 1, 0.0)
+
+
+def test_bench_step_cpu_path():
+    """The GPU script's step on a tiny config, on CPU: consistent throughput arithmetic."""
+    from mllm.engine.benchmark import bench_step
+    from mllm.engine.config import load_config
+    result = bench_step(load_config('configs/tiny/tiny_llava_synthetic.py'), device='cpu',
+                        steps=1, batch=2, text_tokens=20)
+    assert result['seq_len'] == 1 + 64 + 20 and result['visual_tokens'] == 64
+    assert result['tokens_per_s'] == pytest.approx(2 * 85 / result['step_s'])
+    assert result['mfu_vs_a100'] == pytest.approx(
+        result['flops_per_sample'] * 2 / result['step_s'] / A100_BF16_PEAK)
+    assert result['projected_hours_8xA100'] == pytest.approx(project_hours(
+        result['flops_per_sample'], 665_298, result['mfu_vs_a100']))
