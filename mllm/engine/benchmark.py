@@ -461,3 +461,109 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
     if cuda:
         result['peak_memory_gb'] = torch.cuda.max_memory_allocated() / 1e9
     return result
+
+
+# --------------------------------------------------------------------------- data pipeline
+# A GPU's appetite, from REFERENCE.md: LLaVA-1.5's two stages (558K + 665K samples) take
+# ~26 h on 8xA100 (seed 003), i.e. ~1.6 samples/s per GPU on average. The pretrain stage
+# (projector only) runs faster than the average; allow 3x for it.
+GPU_SAMPLES_PER_S = (558_128 + 665_298) / (26 * 3600 * 8) * 3
+# (target side, ViT/ConvNeXt token stride): LLaVA-1.5's 336 ViT and ConvLLaVA's 768-1536
+RESOLUTIONS = ((336, 14), (768, 64), (1024, 64), (1536, 64))
+
+
+def _photo(size, seed: int):
+    """A JPEG-like test image: smooth gradients plus noise and shapes (compresses and decodes
+    like a photo, unlike a flat synthetic drawing)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    w, h = size
+    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+    base = np.stack([x * 200, y * 180, (1 - x) * 160], -1) + rng.normal(0, 25, (h, w, 3))
+    image = Image.fromarray(base.clip(0, 255).astype('uint8'))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = rng.integers(0, w - 20), rng.integers(0, h - 20)
+        draw.ellipse((x0, y0, x0 + rng.integers(10, w // 3), y0 + rng.integers(10, h // 3)),
+                     fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return image
+
+
+def _rate(fn, items, min_seconds: float = 1.0) -> float:
+    """Calls per second of ``fn`` over ``items``, repeated for at least ``min_seconds``."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        for item in items:
+            fn(item)
+        calls += len(items)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return calls / elapsed
+
+
+def bench_data(work_dir: str, num_images: int = 8, source_size=(640, 480)) -> dict:
+    """Images/s of one worker (one process, one thread): JPEG decode + pad to square +
+    resize + normalise at each resolution, and UHD slicing of a 672x1008 image; token-
+    isation samples/s of mllm's on-the-fly encoding against reading XTuner's offline
+    pre-tokenised arrow folder. Sources are 640x480 JPEGs (COCO's typical size, the bulk
+    of LLaVA-665K).
+    """
+    from PIL import Image
+
+    from mllm.datasets.image_processing import LLaVAImageProcessor
+    from mllm.datasets.slicing import UHDImageProcessor
+
+    folder = osp.join(work_dir, 'jpeg')
+    os.makedirs(folder, exist_ok=True)
+    files = []
+    for k in range(num_images):
+        files.append(osp.join(folder, f'{k}.jpg'))
+        _photo(source_size, k).save(files[-1], quality=90)
+    tall = osp.join(folder, 'tall.jpg')
+    _photo((672, 1008), 99).save(tall, quality=90)
+
+    def decode(path):
+        with Image.open(path) as image:
+            return image.convert('RGB')
+
+    result = dict(source_size=list(source_size), images_per_s={},
+                  decode_images_per_s=_rate(decode, files))
+    for side, stride in RESOLUTIONS:
+        processor = LLaVAImageProcessor(size=side, token_stride=stride)
+        result['images_per_s'][str(side)] = _rate(lambda p: processor(decode(p)), files)
+    uhd = UHDImageProcessor()
+    result['uhd_672x1008_images_per_s'] = _rate(lambda p: uhd(decode(p)), [tall])
+    # TODO(boxes): add MG-LLaVA's box mapping (boxes through pad-to-square + resize) here
+    # once mllm.datasets has it (being written on another branch).
+    result['box_mapping_per_s'] = None
+    result.update(_bench_tokenisation(work_dir))
+    slowest = min(result['images_per_s'].values())
+    result['gpu_samples_per_s_assumed'] = GPU_SAMPLES_PER_S
+    result['workers_needed_at_1536'] = GPU_SAMPLES_PER_S / slowest
+    result['eight_workers_outrun_gpu'] = 8 * slowest > GPU_SAMPLES_PER_S
+    return result
+
+
+def _bench_tokenisation(work_dir: str) -> dict:
+    """Samples/s: mllm's template encoding per sample, and reading the ids back from
+    XTuner's offline (pre-tokenised) folder, on the benchmark's varied-length set."""
+    from datasets import load_from_disk
+
+    from mllm.datasets.llava import LLaVADataset
+    from mllm.datasets.templates import encode_conversation
+
+    paths = write_bench_data(osp.join(work_dir, 'data'), 256, 0)
+    dataset = LLaVADataset(paths['data_path'], tokenizer=dict(pretrained=paths['tokenizer']),
+                           template='vicuna_v1', image_processor=dict(
+                               type='LLaVAImageProcessor', size=336), max_length=4096)
+    samples = [s['conversations'] for s in dataset.samples]
+    online = _rate(lambda c: encode_conversation(c, dataset.tokenizer, dataset.template,
+                                                 num_image_tokens=576 if '<image>' in
+                                                 c[0]['value'] else 0), samples)
+    text_dir = osp.join(work_dir, 'xtuner_text')
+    if not osp.isdir(text_dir):
+        build_xtuner_path(paths, save_tiny_checkpoints(osp.join(work_dir, 'ckpt')), 64, work_dir)
+    offline = load_from_disk(text_dir)
+    cached = _rate(lambda i: offline[i]['input_ids'], range(len(offline)))
+    return dict(tokenise_samples_per_s=online, offline_cache_samples_per_s=cached)
