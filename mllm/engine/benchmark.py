@@ -567,3 +567,159 @@ def _bench_tokenisation(work_dir: str) -> dict:
     offline = load_from_disk(text_dir)
     cached = _rate(lambda i: offline[i]['input_ids'], range(len(offline)))
     return dict(tokenise_samples_per_s=online, offline_cache_samples_per_s=cached)
+
+
+# ------------------------------------------------------------------------------- scaling
+_TINY_CONVNEXT = dict(type='ConvNeXtEncoder', backend='timm', model_name='convnext_atto',
+                      model_kwargs=dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
+                      extra_stage=dict(channels=256, depth=1))  # stride 64, as ConvLLaVA
+SCALE_POINTS = (
+    # (row, vision encoder, image side, token stride, LLM layers, batch, text tokens)
+    ('336 px, ViT/14 (LLaVA-1.5 layout)',
+     dict(type='CLIPVisionEncoder', config=dict(TINY_VIT, image_size=336, patch_size=14)),
+     336, 14, 2, 4, 100),
+    ('768 px, ConvNeXt/64 (ConvLLaVA)', _TINY_CONVNEXT, 768, 64, 2, 4, 100),
+    ('1024 px, ConvNeXt/64 (ConvLLaVA)', _TINY_CONVNEXT, 1024, 64, 2, 4, 100),
+    ('1536 px, ConvNeXt/64 (ConvLLaVA)', _TINY_CONVNEXT, 1536, 64, 2, 4, 100),
+    ('LLM 2 layers, 64 px ViT/8', dict(type='CLIPVisionEncoder', config=dict(TINY_VIT)),
+     64, 8, 2, 16, 100),
+    ('LLM 4 layers, 64 px ViT/8', dict(type='CLIPVisionEncoder', config=dict(TINY_VIT)),
+     64, 8, 4, 16, 100),
+    ('LLM 8 layers, 64 px ViT/8', dict(type='CLIPVisionEncoder', config=dict(TINY_VIT)),
+     64, 8, 8, 16, 100),
+)
+
+
+def _rss_kb() -> int:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmRSS:'))
+
+
+def scale_point(vision: dict, side: int, stride: int, llm_layers: int, batch: int,
+                text_tokens: int, steps: int = 3) -> dict:
+    """One config's training step (forward, backward, AdamW; everything trains) on random
+    data: median step time and peak RSS above the process's RSS before the model was built.
+    Run it in a fresh process (``bench_scale`` does) so the peak is this config's own."""
+    import resource
+
+    import mllm.models  # noqa: F401
+    from mllm.datasets.image_processing import LLaVAImageProcessor
+    from mllm.registry import MODELS
+
+    base_kb = _rss_kb()
+    torch.manual_seed(0)
+    model = MODELS.build(dict(
+        type='LLaVAModel', trainable=['vision_encoder', 'projector', 'llm'],
+        llm=dict(type='HFCausalLM', attn_implementation='sdpa', config=dict(
+            TINY_LLM, model_type='llama', num_hidden_layers=llm_layers)),
+        vision_encoder=vision))
+    processor = LLaVAImageProcessor(size=side, token_stride=stride)
+    data, visual = _random_batch(model, processor, batch, text_tokens, 'cpu', torch.float32,
+                                 TINY_LLM['vocab_size'])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    seconds = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        model(**data, mode='loss')['loss'].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(visual_tokens=visual, seq_len=1 + visual + text_tokens, batch=batch,
+                step_s=statistics.median(seconds[1:]), peak_rss_mb=peak_kb / 1024,
+                peak_above_base_mb=(peak_kb - base_kb) / 1024)
+
+
+def bench_scale(work_dir: str, steps: int = 3) -> dict:
+    """``scale_point`` for each row of ``SCALE_POINTS``, each in its own process."""
+    import subprocess
+    import sys
+
+    rows = {}
+    for name, vision, side, stride, layers, batch, text in SCALE_POINTS:
+        spec = json.dumps(dict(vision=vision, side=side, stride=stride, llm_layers=layers,
+                               batch=batch, text_tokens=text, steps=steps))
+        code = ('import json, sys, torch; torch.set_num_threads(%d); '
+                'from mllm.engine.benchmark import scale_point; '
+                'print(json.dumps(scale_point(**json.loads(sys.argv[1]))))'
+                % torch.get_num_threads())
+        out = subprocess.run([sys.executable, '-c', code, spec], capture_output=True,
+                             text=True, cwd=work_dir)
+        if out.returncode:
+            raise RuntimeError(f'scale point {name!r} failed:\n{out.stderr[-2000:]}')
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(rows=rows)
+
+
+# -------------------------------------------------------------------------------- memory
+def bench_memory(work_dir: str, stages=('zero1', 'zero2', 'zero3'), iters: int = 4,
+                 batch: int = 16) -> dict:
+    """Per ZeRO stage: a 2-process DeepSpeed run (fp32 JSONs, gloo) of the tiny config on
+    the synthetic set; each rank's RSS at train start and peak RSS (``PeakMemoryHook``),
+    next to ``mllm plan``'s per-GPU estimate (fp32, 2 GPUs, no CUDA overhead, sequence =
+    the longest sample). A stage whose run fails is reported with its error, not raised.
+    """
+    import subprocess
+    import sys
+
+    from mllm.datasets.synthetic import generate_synthetic_vqa
+    from mllm.engine.config import CONFIG_ROOT, load_config
+    from mllm.engine.memory import plan_memory
+
+    data = generate_synthetic_vqa(osp.join(work_dir, 'synthetic'), num_train=128, num_val=0)
+    config = osp.join(work_dir, 'tiny_llava_memory.py')
+    with open(config, 'w') as f:  # the tiny recipe plus the hook that records memory
+        f.write(f"_base_ = ['{CONFIG_ROOT}/tiny/tiny_llava_synthetic.py']\n"
+                "custom_hooks = [dict(type='ThroughputHook'), dict(type='PeakMemoryHook')]\n")
+    options = [f'train_dataloader.dataset.data_path={data["train"]}',
+               f'train_dataloader.dataset.image_folder={data["image_folder"]}',
+               f'tokenizer.pretrained={data["tokenizer"]}',
+               f'train_dataloader.batch_size={batch}', f'train_cfg.max_iters={iters}',
+               f'default_hooks.checkpoint.interval={iters + 1}', 'default_hooks.logger.interval=1']
+    cfg = load_config(config, dict(o.split('=', 1) for o in options[:3]))
+    from mllm.registry import DATASETS
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    seq = max(len(dataset.encode(i)['input_ids']) for i in range(len(dataset)))  # padded length
+    plan = plan_memory(cfg, gpus=2, precision='fp32', seq_len=seq, overhead_gb=0.0)
+    rows = {}
+    for stage in stages:
+        run_dir = osp.join(work_dir, stage)
+        out = subprocess.run(
+            [sys.executable, '-m', 'mllm', 'train', config, '--work-dir', run_dir,
+             '--deepspeed', f'{stage}_fp32', '--cfg-options', *options],
+            capture_output=True, text=True,
+            env={**os.environ, 'NPROC_PER_NODE': '2', 'PORT': str(_free_port())})
+        estimate = plan['stages'][stage]
+        row = dict(plan_mb=estimate['memory_gb'] * 1e3,
+                   plan_states_mb=sum(estimate[k] for k in ('weights', 'gradients', 'optimizer',
+                                                            'working_set')) * 1e3,
+                   plan_activations_mb=estimate['activations_gb'] * 1e3)
+        ranks = [osp.join(run_dir, f'peak_memory_rank{r}.json') for r in (0, 1)]
+        if out.returncode or not all(osp.exists(p) for p in ranks):
+            row['error'] = (out.stderr or out.stdout)[-600:]
+        else:
+            for r, p in enumerate(ranks):
+                with open(p) as f:
+                    rank = json.load(f)
+                rank['growth_mb'] = rank['peak_rss_mb'] - rank['rss_at_train_start_mb']
+                row[f'rank{r}'] = rank
+            row['losses'] = _losses(run_dir)
+        rows[stage] = row
+    return dict(batch_per_rank=batch, iters=iters, seq_len=seq, stages=rows)
+
+
+def _free_port() -> int:
+    """A free local TCP port for torchrun (29500 may be taken by another run)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def _losses(run_dir: str) -> List[float]:
+    import glob
+    values = []
+    for path in sorted(glob.glob(osp.join(run_dir, '*', 'vis_data', 'scalars.json'))):
+        with open(path) as f:
+            values += [json.loads(line)['loss'] for line in f if '"loss"' in line]
+    return values

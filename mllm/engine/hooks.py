@@ -174,3 +174,35 @@ class ThroughputHook(Hook):
                 self._num_params = sum(p.numel() for p in _unwrap(runner.model).parameters())
             hub.update_scalar('train/tflops_per_gpu',
                               6 * self._num_params * tokens / seconds / 1e12)
+
+
+@HOOKS.register_module()
+class PeakMemoryHook(Hook):
+    """Writes this rank's RSS when training starts and its peak RSS (``ru_maxrss``) when
+    the run ends to ``<work_dir>/peak_memory_rank<R>.json`` (``mllm bench memory``).
+
+    Args:
+        out_dir: folder for the files. Defaults to the runner's work_dir.
+    """
+
+    def __init__(self, out_dir=None):
+        self.out_dir = out_dir
+        self._start_mb = None
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmRSS:')) / 1024
+
+    def before_train(self, runner) -> None:
+        self._start_mb = self._rss_mb()
+
+    def after_run(self, runner) -> None:
+        import json
+        import resource
+
+        from mmengine.dist import get_rank
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        path = os.path.join(self.out_dir or runner.work_dir, f'peak_memory_rank{get_rank()}.json')
+        with open(path, 'w') as f:
+            json.dump(dict(rss_at_train_start_mb=self._start_mb, peak_rss_mb=peak), f)
