@@ -31,6 +31,9 @@ def add_arguments(parser):
     parser.add_argument('--batch-size', type=int, help='train: samples per batch (default 16); '
                         "step: per-device batch (default: the config's)")
     parser.add_argument('--llm-layers', type=int, default=2, help='train: tiny LLM depth')
+    parser.add_argument('--sampler', choices=['grouped', 'random'], default='grouped',
+                        help="train: XTuner's finetune sampler (length-grouped, default) or "
+                        'its pretrain sampler (random batches)')
     parser.add_argument('--samples', type=int, default=512,
                         help='train: size of the generated data set (default 512)')
     parser.add_argument('--config', help='step: the recipe (e.g. convllava_vicuna7b_768_stage3)')
@@ -67,7 +70,7 @@ def run(args) -> int:
             result = benchmark.bench_train(work_dir, steps=args.steps or 30,
                                            batch_size=args.batch_size or 16,
                                            llm_layers=args.llm_layers,
-                                           num_samples=args.samples)
+                                           num_samples=args.samples, sampler=args.sampler)
         elif args.mode == 'data':
             result = benchmark.bench_data(work_dir)
         elif args.mode == 'scale':

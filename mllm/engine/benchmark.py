@@ -221,13 +221,22 @@ def check_same_tokens(mllm_dataset, xtuner_dataset, indices) -> None:
         assert all(t == IGNORE_INDEX for t in labels[:1]), 'the first label must be ignored'
 
 
-def grouped_batches(xtuner_dataset, batch_size: int, steps: int, seed: int) -> List[List[int]]:
-    """The global batches of XTuner's stock finetune sampler (``LengthGroupedSampler`` on
-    ``modality_length``, ``per_device_batch_size`` = batch size); both paths get these."""
+def grouped_batches(xtuner_dataset, batch_size: int, steps: int, seed: int,
+                    sampler: str = 'grouped') -> List[List[int]]:
+    """Global batches of XTuner's stock samplers; both paths get these. 'grouped': the
+    finetune configs' ``LengthGroupedSampler`` on ``modality_length`` with
+    ``per_device_batch_size`` = batch size; 'random': the pretrain configs'
+    ``DefaultSampler(shuffle=True)``, i.e. a seeded permutation."""
     from xtuner.dataset.samplers import LengthGroupedSampler
 
-    order = list(LengthGroupedSampler(xtuner_dataset, per_device_batch_size=batch_size,
-                                      length_property='modality_length', seed=seed))
+    if sampler == 'grouped':
+        order = list(LengthGroupedSampler(xtuner_dataset, per_device_batch_size=batch_size,
+                                          length_property='modality_length', seed=seed))
+    elif sampler == 'random':
+        order = torch.randperm(len(xtuner_dataset),
+                               generator=torch.Generator().manual_seed(seed)).tolist()
+    else:
+        raise ValueError(f"sampler must be 'grouped' or 'random', got {sampler!r}")
     if len(order) < batch_size * steps:
         raise ValueError(f'{steps} steps of {batch_size} need {batch_size * steps} samples, '
                          f'the benchmark set has {len(order)}')
@@ -289,7 +298,7 @@ def _xtuner_collate(instances):
 
 def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Optional[int] = None,
                 num_samples: int = 512, seed: int = 0, lr: float = 2e-5,
-                llm_layers: int = 2) -> dict:
+                llm_layers: int = 2, sampler: str = 'grouped') -> dict:
     """Train mllm's and XTuner's path side by side; tokens/s of both and their ratio.
 
     Args:
@@ -301,12 +310,15 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
         seed: data, weights and sampler seed. Defaults to 0.
         lr: AdamW learning rate (LLaVA-1.5 finetune's 2e-5). Defaults to 2e-5.
         llm_layers: decoder layers of the tiny LLM. Defaults to 2.
+        sampler: 'grouped' (XTuner's finetune sampler) or 'random' (its pretrain
+            sampler); see ``grouped_batches``. Defaults to 'grouped'.
 
     Returns:
         dict with ``mllm_tokens_per_s``, ``xtuner_tokens_per_s``, ``ratio`` and the
         losses, token and padding counts behind them.
     """
     warmup = min(3, steps // 2) if warmup is None else warmup
+    from mllm.datasets.collate import packed_llava_collate
     if steps <= warmup:
         raise ValueError(f'steps ({steps}) must exceed warmup ({warmup})')
     paths = write_bench_data(osp.join(work_dir, 'data'), num_samples, seed)
@@ -315,7 +327,7 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
     ours, our_data = build_mllm_path(paths, ckpt, TINY_VIT['image_size'], TINY_VIT['patch_size'])
     theirs, their_data = build_xtuner_path(paths, ckpt, TINY_VIT['image_size'], work_dir)
     copy_projector(ours, theirs)
-    batches = grouped_batches(their_data, batch_size, steps, seed)
+    batches = grouped_batches(their_data, batch_size, steps, seed, sampler)
     check_same_tokens(our_data, their_data, sorted({i for b in batches for i in b}))
     runs = [_MllmPath('mllm', ours, our_data, _mllm_collate, batches, lr),
             _XtunerPath('xtuner', theirs, their_data, _xtuner_collate, batches, lr)]
@@ -327,6 +339,8 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
             raise AssertionError(f'step {k}: the paths saw different samples')
     lengths = [len(our_data.encode(i)['input_ids']) for i in range(len(our_data))]
     tokens = [sum(lengths[i] for i in b) for b in batches]
+    packed = [packed_llava_collate([dict(input_ids=[0] * lengths[i]) for i in b])['input_ids']
+              for b in batches[warmup:]]
     timed = sum(tokens[warmup:])
     result = {f'{r.name}_tokens_per_s': timed / sum(r.seconds[warmup:]) for r in runs}
     result['ratio'] = result['mllm_tokens_per_s'] / result['xtuner_tokens_per_s']
@@ -336,8 +350,10 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
         x / m for m, x in zip(runs[0].seconds[warmup:], runs[1].seconds[warmup:]))
     result.update(
         steps=steps, warmup=warmup, batch_size=batch_size, llm_layers=llm_layers,
+        sampler=sampler,
         tokens_timed=timed,
         padded_tokens_xtuner=sum(max(lengths[i] for i in b) * len(b) for b in batches[warmup:]),
+        padded_tokens_mllm=sum(rows.numel() for rows in packed),
         mllm_losses=runs[0].losses, xtuner_losses=runs[1].losses,
         max_loss_diff=max(abs(a - b) for a, b in zip(runs[0].losses, runs[1].losses)),
         same_samples=True, torch_threads=torch.get_num_threads())
