@@ -39,8 +39,14 @@ def llava_collate(instances: List[dict], pad_token_id: int = 0,
             images += list(pixels) if isinstance(pixels, (list, tuple)) else [pixels]
     if images and len({tuple(im.shape) for im in images}) == 1:
         images = torch.stack(images)  # one shape: a plain batch tensor
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-                pixel_values=images if len(images) else None)
+    batch = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                 pixel_values=images if len(images) else None)
+    if any(x.get('boxes') is not None for x in instances):
+        # object boxes, one (n_i, 4) tensor per image in image order (MG-LLaVA)
+        batch['boxes'] = [torch.as_tensor(x['boxes']).reshape(-1, 4) if x.get('boxes') is not None
+                          else torch.zeros(0, 4)
+                          for x in instances if x.get('pixel_values') is not None]
+    return batch
 
 
 def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
@@ -85,7 +91,7 @@ def packed_llava_collate(instances: List[dict], pad_token_id: int = 0,
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    images = []
+    images, boxes = [], []
     for r, row in enumerate(rows):
         start = 0
         for i in row:
@@ -98,9 +104,15 @@ def packed_llava_collate(instances: List[dict], pad_token_id: int = 0,
             pixels = x.get('pixel_values')
             if pixels is not None:
                 images += list(pixels) if isinstance(pixels, (list, tuple)) else [pixels]
+                box = x.get('boxes')
+                boxes.append(torch.zeros(0, 4) if box is None
+                             else torch.as_tensor(box).reshape(-1, 4))
         position_ids[r, start:] = torch.arange(width - start)  # padding: its own segment
     if images and len({tuple(im.shape) for im in images}) == 1:
         images = torch.stack(images)
-    return dict(input_ids=input_ids, labels=labels, position_ids=position_ids,
-                pixel_values=images if len(images) else None,
-                sample_rows=[[instances[i].get('index', i) for i in row] for row in rows])
+    batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids,
+                 pixel_values=images if len(images) else None,
+                 sample_rows=[[instances[i].get('index', i) for i in row] for row in rows])
+    if any(x.get('boxes') is not None for x in instances):
+        batch['boxes'] = boxes  # MG-LLaVA: one (n_i, 4) tensor per image, packed order
+    return batch

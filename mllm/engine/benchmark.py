@@ -397,32 +397,40 @@ def project_hours(flops_per_sample: float, samples: int, mfu: float, gpus: int =
     return flops_per_sample * samples / (gpus * peak * mfu) / 3600
 
 
-def _random_batch(model, processor, batch: int, text_tokens: int, device, dtype, vocab: int):
+def _random_batch(model, processor, batch: int, text_tokens: int, device, dtype, vocab: int,
+                  boxes_per_image: int = 0):
     """``batch`` samples of one image + ``text_tokens`` random tokens, answers on the
-    second half of the text (labels), no padding."""
+    second half of the text (labels), no padding; MG-LLaVA models also get
+    ``boxes_per_image`` random boxes per image (one object token each)."""
     size = (processor.size, processor.size)
-    visual = model.num_visual_tokens(size)
+    visual = model.num_visual_tokens(size) + boxes_per_image
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (batch, 1 + visual + text_tokens), generator=g)
     ids[:, 1:1 + visual] = IMAGE_TOKEN_INDEX
     labels = ids.clone()
     labels[:, :1 + visual + text_tokens // 2] = -100
     pixels = torch.randn(batch, 3, size[1], size[0], generator=g)
-    return dict(input_ids=ids.to(device), labels=labels.to(device),
-                attention_mask=torch.ones_like(ids).to(device),
-                pixel_values=pixels.to(device, dtype)), visual
+    data = dict(input_ids=ids.to(device), labels=labels.to(device),
+                attention_mask=torch.ones_like(ids).to(device), pixel_values=pixels.to(device, dtype))
+    if boxes_per_image:
+        corners = torch.rand(batch, boxes_per_image, 2, 2, generator=g) * size[0]
+        data['boxes'] = [torch.cat([c.min(1).values, c.max(1).values], -1).to(device, dtype)
+                         for c in corners]  # (n, 4) xyxy per image
+    return data, visual
 
 
 def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 3,
                batch: Optional[int] = None, text_tokens: Optional[int] = None,
-               gpus: int = 8) -> dict:
+               gpus: int = 8, boxes_per_image: int = 20) -> dict:
     """Forward + backward of a config's model with random weights on one device: tokens/s,
     TFLOP/s, MFU against the A100 bf16 peak, and the projected 8-GPU hours for one epoch
     of the stage's data at that MFU.
 
     On CUDA: bf16 weights, SDPA attention and the config's gradient checkpointing. The
     optimiser step is left out (under ZeRO it is sharded over the GPUs and small next to
-    forward + backward). On CPU (tiny configs) fp32, for testing the arithmetic.
+    forward + backward). On CPU (tiny configs) fp32, for testing the arithmetic. MG-LLaVA
+    models get ``boxes_per_image`` object boxes per image (an assumption: the detector's
+    count varies per image).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -435,8 +443,9 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
     model_cfg['llm'] = dict(model_cfg['llm'], load_weights=False, pretrained=None,
                             torch_dtype='bfloat16' if cuda else 'float32',
                             attn_implementation='sdpa')
-    model_cfg['vision_encoder'] = dict(model_cfg['vision_encoder'], load_weights=False,
-                                       pretrained=None)
+    for key in ('vision_encoder', 'high_res_encoder'):  # MG-LLaVA has a second tower
+        if key in model_cfg:
+            model_cfg[key] = dict(model_cfg[key], load_weights=False, pretrained=None)
     model_cfg.pop('lora', None)
     torch.manual_seed(0)
     model = MODELS.build(model_cfg).to(device, dtype).train()
@@ -444,10 +453,12 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
     llm_cfg = model.llm.config
     batch = batch or cfg.train_dataloader.batch_size
     text_tokens = text_tokens or TEXT_TOKENS[stage]
+    boxes = boxes_per_image if hasattr(model, 'high_res_encoder') else 0
     data, visual = _random_batch(model, processor, batch, text_tokens, device, dtype,
-                                 llm_cfg.vocab_size)
+                                 llm_cfg.vocab_size, boxes)
+    one = dict(boxes=data['boxes'][:1]) if boxes else {}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.encode_images(data['pixel_values'][:1])
+        model.encode_images(data['pixel_values'][:1], **one)
     vision_flops = counter.get_total_flops()  # one image, forward
     seconds = []
     for k in range(steps + 1):  # the first step warms up (allocator, kernels)
@@ -522,8 +533,8 @@ def bench_data(work_dir: str, num_images: int = 8, source_size=(640, 480)) -> di
     """Images/s of one worker (one process, one thread): JPEG decode + pad to square +
     resize + normalise at each resolution, and UHD slicing of a 672x1008 image; token-
     isation samples/s of mllm's on-the-fly encoding against reading XTuner's offline
-    pre-tokenised arrow folder. Sources are 640x480 JPEGs (COCO's typical size, the bulk
-    of LLaVA-665K).
+    pre-tokenised arrow folder; MG-LLaVA's mapping of 20 boxes per image. Sources are
+    640x480 JPEGs (COCO's typical size, the bulk of LLaVA-665K).
     """
     from PIL import Image
 
@@ -550,11 +561,16 @@ def bench_data(work_dir: str, num_images: int = 8, source_size=(640, 480)) -> di
         result['images_per_s'][str(side)] = _rate(lambda p: processor(decode(p)), files)
     uhd = UHDImageProcessor()
     result['uhd_672x1008_images_per_s'] = _rate(lambda p: uhd(decode(p)), [tall])
-    # TODO(boxes): add MG-LLaVA's box mapping (boxes through pad-to-square + resize) here
-    # once mllm.datasets has it (being written on another branch).
-    result['box_mapping_per_s'] = None
+    # MG-LLaVA: 20 detector boxes per image mapped through pad-to-square + resize to 768
+    processor = LLaVAImageProcessor(size=768, token_stride=32)
+    g = torch.Generator().manual_seed(0)
+    corners = torch.rand(20, 2, 2, generator=g) * torch.tensor(source_size, dtype=torch.float)
+    boxes = torch.cat([corners.min(1).values, corners.max(1).values], -1)  # (20, x0 y0 x1 y1)
+    result['box_mapping_per_s'] = _rate(lambda b: processor.map_boxes(b, source_size), [boxes])
+    result['images_per_s']['768+boxes'] = _rate(
+        lambda p: (processor(decode(p)), processor.map_boxes(boxes, source_size)), files)
     result.update(_bench_tokenisation(work_dir))
-    slowest = min(result['images_per_s'].values())
+    slowest = min(result['images_per_s'][str(side)] for side, _ in RESOLUTIONS)
     result['gpu_samples_per_s_assumed'] = GPU_SAMPLES_PER_S
     result['workers_needed_at_1536'] = GPU_SAMPLES_PER_S / slowest
     result['eight_workers_outrun_gpu'] = 8 * slowest > GPU_SAMPLES_PER_S

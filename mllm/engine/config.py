@@ -16,7 +16,7 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 CONFIG_ROOT = os.path.join(PACKAGE_ROOT, 'configs')
 
 # (top-level key, where it is bound) pairs; a value already set at the target wins.
-MODEL_BINDINGS = ('llm', 'vision_encoder')
+MODEL_BINDINGS = ('llm', 'vision_encoder', 'high_res_encoder')
 DATASET_BINDINGS = ('tokenizer', 'template', 'image_processor')
 DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
