@@ -177,3 +177,15 @@ def test_bench_step_without_config_fails(capsys):
     from mllm.cli import main
     assert main(['bench', 'step']) == 1
     assert 'needs --config' in capsys.readouterr().err
+
+
+def test_packed_collate_keeps_boxes_with_their_images():
+    """MG-LLaVA: boxes follow the packed image order (text-only samples have none)."""
+    instances = _instances([30, 10, 12, 50])  # sample 2 is text-only
+    for k, x in enumerate(instances):
+        if x['pixel_values'] is not None:
+            x['boxes'] = torch.full((k + 1, 4), float(k))
+    packed = packed_llava_collate(instances)
+    order = [i - 10 for row in packed['sample_rows'] for i in row if i - 10 != 2]
+    assert [b[0, 0].item() for b in packed['boxes']] == order
+    assert [len(b) for b in packed['boxes']] == [k + 1 for k in order]
