@@ -189,3 +189,16 @@ def test_packed_collate_keeps_boxes_with_their_images():
     order = [i - 10 for row in packed['sample_rows'] for i in row if i - 10 != 2]
     assert [b[0, 0].item() for b in packed['boxes']] == order
     assert [len(b) for b in packed['boxes']] == [k + 1 for k in order]
+
+
+def test_recipe_flops_vicuna7b_finetune_on_meta():
+    """FLOPs per sample of the LLaVA-1.5 7B finetune from its architecture (no weights)."""
+    from mllm.engine.benchmark import recipe_flops
+    from mllm.engine.config import load_config
+    result = recipe_flops(load_config('llava15_vicuna7b_finetune'), 'finetune')
+    assert result['seq_len'] == 1 + 576 + 300 and result['llm_trainable']
+    vision = result['vision_forward_flops']
+    # CLIP ViT-L/14-336 up to layer -2: ~2 x 303.5 M params x 577 tokens plus attention
+    assert 2 * 290e6 * 577 < vision < 0.45e12
+    assert result['flops_per_sample'] == train_flops_per_sample(6_738_415_616, 32, 4096, 877,
+                                                                vision)

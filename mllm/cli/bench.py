@@ -8,6 +8,7 @@ memory  peak RSS per rank of 2-process DeepSpeed runs of the tiny config per ZeR
 scale   step time and peak memory against image resolution and LLM depth (tiny models).
 step    one forward + backward of a full-size recipe on a GPU: tokens/s, TFLOP/s, MFU and
         projected 8xA100 hours (``tools/bench_gpu.sh``); ``--device cpu`` for tiny configs.
+project FLOPs per sample of a recipe (meta device, no GPU) and 8xA100 hours at ``--mfu``.
 
 Timings on a shared CPU are noisy: compare only figures measured side by side in one run.
 """
@@ -15,7 +16,7 @@ import json
 import os
 import tempfile
 
-MODES = ('train', 'data', 'memory', 'scale', 'step')
+MODES = ('train', 'data', 'memory', 'scale', 'step', 'project')
 
 
 def add_arguments(parser):
@@ -36,11 +37,14 @@ def add_arguments(parser):
                         'its pretrain sampler (random batches)')
     parser.add_argument('--samples', type=int, default=512,
                         help='train: size of the generated data set (default 512)')
-    parser.add_argument('--config', help='step: the recipe (e.g. convllava_vicuna7b_768_stage3)')
+    parser.add_argument('--config', help='step/project: the recipe (e.g. '
+                        'convllava_vicuna7b_768_stage3)')
     parser.add_argument('--stage', choices=['pretrain', 'finetune'], default='finetune',
-                        help='step: which data the projection uses')
+                        help='step/project: which data the projection uses')
     parser.add_argument('--device', default='cuda', help='step: cuda or cpu (default cuda)')
-    parser.add_argument('--text-tokens', type=int, help='step: text tokens per sample')
+    parser.add_argument('--text-tokens', type=int, help='step/project: text tokens per sample')
+    parser.add_argument('--mfu', type=float, default=0.4,
+                        help='project: assumed model FLOPs utilisation (default 0.4)')
     parser.add_argument('--stages', nargs='+', default=['zero1', 'zero2', 'zero3'],
                         help='memory: ZeRO stages to run')
 
@@ -78,9 +82,13 @@ def run(args) -> int:
         elif args.mode == 'memory':
             result = benchmark.bench_memory(work_dir, stages=args.stages,
                                             iters=args.steps or 4)
+        elif not args.config:
+            raise ValueError(f'mllm bench {args.mode} needs --config (a recipe name or file)')
+        elif args.mode == 'project':
+            from mllm.engine.config import load_config
+            result = benchmark.bench_project(load_config(args.config), stage=args.stage,
+                                             mfu=args.mfu, text_tokens=args.text_tokens)
         else:
-            if not args.config:
-                raise ValueError('mllm bench step needs --config (a recipe name or file)')
             from mllm.engine.config import load_config
             result = benchmark.bench_step(load_config(args.config), stage=args.stage,
                                           device=args.device, steps=args.steps or 3,

@@ -755,3 +755,47 @@ def _losses(run_dir: str) -> List[float]:
         with open(path) as f:
             values += [json.loads(line)['loss'] for line in f if '"loss"' in line]
     return values
+
+
+def recipe_flops(cfg, stage: str = 'finetune', text_tokens: Optional[int] = None,
+                 boxes_per_image: int = 20) -> dict:
+    """Model FLOPs per training sample of a recipe, from its architecture on the meta
+    device (no weights): ``train_flops_per_sample`` with the vision side's forward FLOPs
+    counted by ``FlopCounterMode`` over ``encode_images`` (towers, fusion, projectors)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import mllm.models  # noqa: F401
+    from mllm.cli.inspect import _without_weights
+    from mllm.registry import MODELS, TRANSFORMS
+
+    model_cfg = cfg.model.copy()
+    for key in ('llm', 'vision_encoder', 'high_res_encoder'):
+        if key in model_cfg:
+            model_cfg[key] = _without_weights(model_cfg[key])
+    with torch.device('meta'):
+        model = MODELS.build(model_cfg)
+    processor = TRANSFORMS.build(cfg.image_processor)
+    side = processor.size
+    boxes = boxes_per_image if hasattr(model, 'high_res_encoder') else 0
+    extra = dict(boxes=[torch.rand(boxes, 4, device='meta') * side]) if boxes else {}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encode_images(torch.empty(1, 3, side, side, device='meta'), **extra)
+    llm = model.llm.config
+    visual = model.num_visual_tokens((side, side)) + boxes
+    seq = 1 + visual + (text_tokens or TEXT_TOKENS[stage])
+    llm_params = sum(p.numel() for p in model.llm.parameters())
+    llm_trainable = any(p.requires_grad for p in model.llm.parameters())
+    return dict(seq_len=seq, visual_tokens=visual, vision_forward_flops=counter.get_total_flops(),
+                flops_per_sample=train_flops_per_sample(
+                    llm_params, llm.num_hidden_layers, llm.hidden_size, seq,
+                    counter.get_total_flops(), llm_trainable),
+                llm_trainable=llm_trainable, samples=DATASET_SAMPLES[stage])
+
+
+def bench_project(cfg, stage: str = 'finetune', mfu: float = 0.4,
+                  text_tokens: Optional[int] = None) -> dict:
+    """8xA100 hours for one epoch of the stage's data at an assumed ``mfu``."""
+    result = recipe_flops(cfg, stage, text_tokens)
+    result.update(stage=stage, mfu_assumed=mfu, projected_hours_8xA100=project_hours(
+        result['flops_per_sample'], result['samples'], mfu))
+    return result
