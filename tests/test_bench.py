@@ -92,7 +92,8 @@ def test_mllm_loss_equals_stock_xtuner_loss(saved_tiny_checkpoints, tiny_model_c
     cfg = dict(tiny_model_cfg, trainable=['projector', 'llm'])
     cfg['llm'] = dict(type='HFCausalLM', pretrained=saved_tiny_checkpoints['llm'],
                       attn_implementation='sdpa')
-    cfg['vision_encoder'] = dict(type='CLIPVisionEncoder', pretrained=saved_tiny_checkpoints['vision'])
+    cfg['vision_encoder'] = dict(type='CLIPVisionEncoder',
+                                 pretrained=saved_tiny_checkpoints['vision'])
     ours = MODELS.build(cfg)
     theirs = XTunerLLaVA(
         llm=AutoModelForCausalLM.from_pretrained(saved_tiny_checkpoints['llm'],
@@ -104,17 +105,19 @@ def test_mllm_loss_equals_stock_xtuner_loss(saved_tiny_checkpoints, tiny_model_c
     ours_loss = ours(**packed_llava_collate(instances))['loss']
     # XTuner's layout: one -200 per image, expanded inside its model
     from xtuner.dataset.collate_fns import default_collate_fn
-    xt = [dict(input_ids=collapse_image_runs(x['input_ids'].tolist()),
-               labels=[x['labels'][k].item() for k, t in enumerate(x['input_ids'].tolist())
-                       if t != -200 or x['input_ids'][k - 1] != -200],
-               pixel_values=x['pixel_values'] if x['pixel_values'] is not None
-               else torch.zeros(3, 32, 32)) for x in instances]
+    xt = []
+    for x in instances:
+        ids, labels = collapse_image_runs(x['input_ids'].tolist(), x['labels'].tolist())
+        pixels = x['pixel_values'] if x['pixel_values'] is not None else torch.zeros(3, 32, 32)
+        xt.append(dict(input_ids=ids, labels=labels, pixel_values=pixels))
     theirs_loss = theirs(default_collate_fn(xt)['data'], mode='loss')['loss']
     torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-5)
 
 
 def test_collapse_image_runs():
     assert collapse_image_runs([1, -200, -200, -200, 7, -200, 8]) == [1, -200, 7, -200, 8]
+    assert collapse_image_runs([1, -200, -200, 7], [-100, -100, -100, 7]) == (
+        [1, -200, 7], [-100, -100, 7])
 
 
 def test_bench_train_cli_json(tmp_path, capsys):
@@ -202,3 +205,22 @@ def test_recipe_flops_vicuna7b_finetune_on_meta():
     assert 2 * 290e6 * 577 < vision < 0.45e12
     assert result['flops_per_sample'] == train_flops_per_sample(6_738_415_616, 32, 4096, 877,
                                                                 vision)
+
+
+def test_train_with_packed_collate_from_a_config(tmp_path):
+    """Packing is a config switch for `mllm train`; throughput is still logged."""
+    from mllm.cli import main
+    from mllm.datasets.synthetic import generate_synthetic_vqa
+    data = generate_synthetic_vqa(str(tmp_path / 'data'), num_train=32, num_val=0)
+    work_dir = tmp_path / 'run'
+    assert main(['train', 'configs/tiny/tiny_llava_synthetic.py', '--work-dir', str(work_dir),
+                 '--cfg-options', 'train_dataloader.collate_fn.type=mllm.packed_llava_collate',
+                 'train_dataloader.batch_size=8', 'train_cfg.max_iters=2',
+                 'default_hooks.logger.interval=1', 'default_hooks.checkpoint.interval=2',
+                 f'train_dataloader.dataset.data_path={data["train"]}',
+                 f'train_dataloader.dataset.image_folder={data["image_folder"]}',
+                 f'tokenizer.pretrained={data["tokenizer"]}']) == 0
+    scalars = [json.loads(line) for path in work_dir.glob('*/vis_data/scalars.json')
+               for line in path.read_text().splitlines()]
+    logged = [s for s in scalars if 'loss' in s]
+    assert len(logged) == 2 and all(s['tokens_per_s'] > 0 for s in logged)

@@ -83,6 +83,7 @@ def packed_llava_collate(instances: List[dict], pad_token_id: int = 0,
     prompt), so no loss crosses a sample boundary; padding is a segment of its own at the
     row end. Images follow the packed token order, as the model scatters them.
     ``sample_rows`` lists the dataset indices per row (``index`` of each instance).
+    Use it from a config as ``collate_fn=dict(type='mllm.packed_llava_collate')``.
     """
     lengths = [len(x['input_ids']) for x in instances]
     capacity = max(lengths) if pack_length is None else pack_length
@@ -112,7 +113,8 @@ def packed_llava_collate(instances: List[dict], pad_token_id: int = 0,
         images = torch.stack(images)
     batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids,
                  pixel_values=images if len(images) else None,
-                 sample_rows=[[instances[i].get('index', i) for i in row] for row in rows])
+                 sample_rows=[[instances[i].get('index', i) for i in row] for row in rows],
+                 num_tokens=sum(lengths))  # real tokens, for ThroughputHook (no mask here)
     if any(x.get('boxes') is not None for x in instances):
         batch['boxes'] = boxes  # MG-LLaVA: one (n_i, 4) tensor per image, packed order
     return batch

@@ -139,8 +139,8 @@ class ThroughputHook(Hook):
     CUDA) into the message hub, so they land in ``vis_data/scalars.json`` with the loss.
 
     Tokens are the attended positions of the batch (``attention_mask`` sum: text and visual
-    tokens, no padding). Time is the wall clock between consecutive iterations, data loading
-    included. TFLOPs use the usual ``6 x parameters x tokens`` estimate (forward + backward;
+    tokens, no padding; ``num_tokens`` for packed batches). Time is the wall clock between
+    consecutive iterations, data loading included. TFLOPs use the usual ``6 x parameters x tokens`` estimate (forward + backward;
     attention and frozen parts' skipped weight gradients are ignored), so it is approximate.
     """
 
@@ -162,10 +162,16 @@ class ThroughputHook(Hook):
 
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
-        mask = data_batch.get('attention_mask') if isinstance(data_batch, dict) else None
-        if mask is None or seconds <= 0:
+        if not isinstance(data_batch, dict) or seconds <= 0:
             return
-        tokens, samples = float(mask.sum()), mask.shape[0]
+        mask = data_batch.get('attention_mask')
+        if mask is not None:
+            tokens, samples = float(mask.sum()), mask.shape[0]
+        elif 'num_tokens' in data_batch:  # packed batch: real tokens counted by the collate
+            tokens = float(data_batch['num_tokens'])
+            samples = sum(len(row) for row in data_batch['sample_rows'])
+        else:
+            return
         hub = runner.message_hub
         hub.update_scalar('train/tokens_per_s', tokens / seconds)
         hub.update_scalar('train/samples_per_s', samples / seconds)
