@@ -313,3 +313,27 @@ def test_tiny_mgllava_trains_and_chats_with_boxes(tmp_path, synthetic, capsys):
     assert capsys.readouterr().out.startswith('ASSISTANT: ')
     missing = os.path.join(synthetic['image_folder'], '..', 'nope.json')
     assert main(args[:-4] + ['--boxes', missing] + args[-2:]) == 1
+
+
+def test_chat_prompt_with_boxes_is_the_training_encoding(synthetic):
+    """MG-LLaVA's public chat preprocessed images and boxes unlike its training; here both
+    go through the same code (select_boxes, the image processor, the template)."""
+    from mllm.datasets.boxes import load_box_file
+    from mllm.engine.inference import last_answer_start, load_image, prompt_inputs
+
+    cfg = load_config('configs/tiny/tiny_mgllava_synthetic.py',
+                      {'tokenizer.pretrained': synthetic['tokenizer']})
+    dataset = DATASETS.build(dict(cfg.train_dataloader.dataset, data_path=synthetic['train'],
+                                  image_folder=synthetic['image_folder'],
+                                  box_file=synthetic['boxes']))
+    entries = load_box_file(synthetic['boxes'])
+    index = next(i for i, x in enumerate(dataset.samples) if x['category'] == 'count')
+    sample, item = dataset.samples[index], dataset[index]
+    batch = prompt_inputs(sample['conversations'][:1], dataset.tokenizer, dataset.template,
+                          dataset.image_processor,
+                          load_image(os.path.join(synthetic['image_folder'], sample['image'])),
+                          box_entry=entries[sample['image']], max_boxes=dataset.max_boxes)
+    start = last_answer_start(item['labels'])
+    assert torch.equal(batch['input_ids'][0], item['input_ids'][:start])
+    assert torch.equal(batch['boxes'][0], item['boxes']) and len(item['boxes']) >= 1
+    assert torch.equal(batch['pixel_values'][0], item['pixel_values'])

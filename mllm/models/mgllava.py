@@ -76,6 +76,12 @@ class MGLLaVAModel(LLaVAModel):
         """Grid tokens for a high-resolution tensor of ``unit_size`` = (W, H); each box adds one."""
         return self.high_res_encoder.num_visual_tokens(unit_size)
 
+    def dummy_pixel_values(self, device) -> torch.Tensor:
+        """A blank image of one ConvNeXt stride (one grid token) for ranks whose batch has no
+        image: both branches, the fusion and the bbox projector still run (ZeRO-3, DDP)."""
+        side = self.high_res_encoder.stride
+        return torch.zeros(1, 3, side, side, device=device)
+
     def low_res_size(self, high_res_size) -> tuple:
         """(H, W) of the CLIP input for a high-resolution tensor of (H, W) pixels."""
         stride, patch = self.high_res_encoder.stride, self.vision_encoder.patch_size
