@@ -286,12 +286,13 @@ def test_unknown_trainable_prefix_lists_the_parts(tiny_model_cfg, bad):
 
 
 def capture_inputs_embeds(model):
-    """Record the ``inputs_embeds`` the LLM is called with."""
+    """Record the ``inputs_embeds`` the LLM's decoder is called with (the loss path calls
+    the decoder itself, to apply the LM head only where labels are learned)."""
     seen = []
 
     def hook(module, args, kwargs):
         seen.append(kwargs['inputs_embeds'].detach().clone())
-    return seen, model.llm.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen, model.llm.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def test_image_features_land_exactly_at_the_image_tokens(tiny_model_cfg, tiny_tokenizer):

@@ -20,6 +20,7 @@ COMMANDS = {
     'eval': ('mllm.cli.eval', 'evaluate a model on a benchmark file (MMBench, POPE, ...)'),
     'plot': ('mllm.cli.plot', 'loss / lr / grad-norm / throughput curves of training runs'),
     'annotate-boxes': ('mllm.cli.annotate_boxes', 'object boxes for MG-LLaVA from a local OWLv2 detector'),
+    'bench': ('mllm.cli.bench', 'throughput vs stock XTuner, data pipeline, memory, GPU step'),
 }
 
 

@@ -139,8 +139,8 @@ class ThroughputHook(Hook):
     CUDA) into the message hub, so they land in ``vis_data/scalars.json`` with the loss.
 
     Tokens are the attended positions of the batch (``attention_mask`` sum: text and visual
-    tokens, no padding). Time is the wall clock between consecutive iterations, data loading
-    included. TFLOPs use the usual ``6 x parameters x tokens`` estimate (forward + backward;
+    tokens, no padding; ``num_tokens`` for packed batches). Time is the wall clock between
+    consecutive iterations, data loading included. TFLOPs use the usual ``6 x parameters x tokens`` estimate (forward + backward;
     attention and frozen parts' skipped weight gradients are ignored), so it is approximate.
     """
 
@@ -162,10 +162,16 @@ class ThroughputHook(Hook):
 
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
-        mask = data_batch.get('attention_mask') if isinstance(data_batch, dict) else None
-        if mask is None or seconds <= 0:
+        if not isinstance(data_batch, dict) or seconds <= 0:
             return
-        tokens, samples = float(mask.sum()), mask.shape[0]
+        mask = data_batch.get('attention_mask')
+        if mask is not None:
+            tokens, samples = float(mask.sum()), mask.shape[0]
+        elif 'num_tokens' in data_batch:  # packed batch: real tokens counted by the collate
+            tokens = float(data_batch['num_tokens'])
+            samples = sum(len(row) for row in data_batch['sample_rows'])
+        else:
+            return
         hub = runner.message_hub
         hub.update_scalar('train/tokens_per_s', tokens / seconds)
         hub.update_scalar('train/samples_per_s', samples / seconds)
@@ -174,3 +180,35 @@ class ThroughputHook(Hook):
                 self._num_params = sum(p.numel() for p in _unwrap(runner.model).parameters())
             hub.update_scalar('train/tflops_per_gpu',
                               6 * self._num_params * tokens / seconds / 1e12)
+
+
+@HOOKS.register_module()
+class PeakMemoryHook(Hook):
+    """Writes this rank's RSS when training starts and its peak RSS (``ru_maxrss``) when
+    the run ends to ``<work_dir>/peak_memory_rank<R>.json`` (``mllm bench memory``).
+
+    Args:
+        out_dir: folder for the files. Defaults to the runner's work_dir.
+    """
+
+    def __init__(self, out_dir=None):
+        self.out_dir = out_dir
+        self._start_mb = None
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmRSS:')) / 1024
+
+    def before_train(self, runner) -> None:
+        self._start_mb = self._rss_mb()
+
+    def after_run(self, runner) -> None:
+        import json
+        import resource
+
+        from mmengine.dist import get_rank
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        path = os.path.join(self.out_dir or runner.work_dir, f'peak_memory_rank{get_rank()}.json')
+        with open(path, 'w') as f:
+            json.dump(dict(rss_at_train_start_mb=self._start_mb, peak_rss_mb=peak), f)

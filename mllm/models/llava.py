@@ -9,9 +9,13 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from mmengine.model import BaseModel
 
-from mllm.datasets.templates import IMAGE_TOKEN_INDEX
+from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mllm.models.lora import apply_lora
 from mllm.registry import MODELS
+
+# Decoder families whose logits are plain ``lm_head(hidden)``: the loss may skip the head
+# on unlabelled positions (Llama/Vicuna/Yi, Phi-3, Mistral, Qwen2).
+PLAIN_HEAD_LLMS = ('llama', 'phi3', 'mistral', 'qwen2')
 
 
 def set_trainable(model: torch.nn.Module, trainable: Sequence[str]) -> None:
@@ -131,16 +135,57 @@ class LLaVAModel(BaseModel):
                 attention_mask: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, mode: str = 'loss',
                 boxes: Optional[Sequence[torch.Tensor]] = None,
+                position_ids: Optional[torch.Tensor] = None,
                 **unused) -> Dict[str, torch.Tensor]:
+        """``position_ids`` without ``attention_mask`` is a packed batch
+        (``packed_llava_collate``): every sample attends only to itself."""
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, boxes=boxes)
+        if position_ids is not None and attention_mask is None:
+            attention_mask = self._packed_attention_mask(position_ids, inputs_embeds.dtype)
+        kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=False)
         if mode == 'loss':
-            out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           labels=labels, use_cache=False)
-            return {'loss': out.loss}
+            if labels is not None and self._decoder_and_head() is not None:
+                return {'loss': self._answer_loss(labels, **kwargs)}
+            return {'loss': self.llm(labels=labels, **kwargs).loss}
         if mode == 'tensor':
-            return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                            use_cache=False).logits
+            return self.llm(**kwargs).logits
         raise ValueError(f"mode must be 'loss' or 'tensor' (use generate() to predict), got {mode!r}")
+
+    def _decoder_and_head(self):
+        """(decoder, lm_head) of LLMs whose logits are just ``lm_head(hidden)`` (no logit
+        scaling or soft-capping), else None."""
+        if getattr(self.llm.config, 'model_type', None) not in PLAIN_HEAD_LLMS:
+            return None
+        return self.llm.get_decoder(), self.llm.get_output_embeddings()
+
+    def _answer_loss(self, labels: torch.Tensor, **llm_inputs) -> torch.Tensor:
+        """HF's causal-LM loss, with the LM head applied only where a label is learned.
+
+        Most positions are image tokens, the system prompt and questions (label
+        ``IGNORE_INDEX``); HF computes (B, T, vocab) logits for all of them and drops them
+        in the loss. Same mean cross-entropy over the same targets, a fraction of the
+        head's FLOPs and logits memory (a 128K vocabulary makes that large).
+        """
+        decoder, head = self._decoder_and_head()
+        hidden = decoder(**llm_inputs).last_hidden_state  # (B, T, C)
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        learned = targets != IGNORE_INDEX  # (B, T - 1)
+        logits = head(hidden[:, :-1][learned])  # (N, vocab)
+        return torch.nn.functional.cross_entropy(logits.float(), targets[learned])
+
+    def _packed_attention_mask(self, position_ids: torch.Tensor,
+                               dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Block-diagonal causal mask (B, 1, T, T), additive as HF expects a 4-D mask;
+        None for flash-attention-2, whose varlen path reads sample starts from the
+        position ids (no T x T mask at all)."""
+        if getattr(self.llm.config, '_attn_implementation', None) == 'flash_attention_2':
+            return None
+        segment = (position_ids == 0).cumsum(-1)  # (B, T): sample number within the row
+        same = segment.unsqueeze(-1) == segment.unsqueeze(-2)  # (B, T, T)
+        allowed = same & torch.ones_like(same[0]).tril()  # causal inside each sample
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

@@ -1,0 +1,98 @@
+"""``mllm bench train|data|memory|scale|step``: performance figures (docs/performance.md).
+
+train   mllm's model + data path against stock XTuner 0.2.0's LLaVA on the same tiny model,
+        samples and batches, side by side in one process: tokens/s of both and the ratio.
+data    images/s of the preprocessing per worker at 336-1536 px, tokenisation samples/s.
+memory  peak RSS per rank of 2-process DeepSpeed runs of the tiny config per ZeRO stage,
+        next to ``mllm plan``'s estimate.
+scale   step time and peak memory against image resolution and LLM depth (tiny models).
+step    one forward + backward of a full-size recipe on a GPU: tokens/s, TFLOP/s, MFU and
+        projected 8xA100 hours (``tools/bench_gpu.sh``); ``--device cpu`` for tiny configs.
+project FLOPs per sample of a recipe (meta device, no GPU) and 8xA100 hours at ``--mfu``.
+
+Timings on a shared CPU are noisy: compare only figures measured side by side in one run.
+"""
+import json
+import os
+import tempfile
+
+MODES = ('train', 'data', 'memory', 'scale', 'step', 'project')
+
+
+def add_arguments(parser):
+    parser.add_argument('mode', choices=MODES)
+    parser.add_argument('--json', action='store_true', help='print one JSON object')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch CPU threads (default 1: on a shared 2-core machine more '
+                        'threads mostly measure the other processes)')
+    parser.add_argument('--work-dir', help='where generated data and checkpoints go '
+                        '(default: a temporary folder)')
+    parser.add_argument('--steps', type=int, help='train: steps per path (default 30); '
+                        'step: timed steps (default 3); memory: iterations (default 4)')
+    parser.add_argument('--batch-size', type=int, help='train: samples per batch (default 16); '
+                        "step: per-device batch (default: the config's)")
+    parser.add_argument('--llm-layers', type=int, default=2, help='train: tiny LLM depth')
+    parser.add_argument('--sampler', choices=['grouped', 'random'], default='grouped',
+                        help="train: XTuner's finetune sampler (length-grouped, default) or "
+                        'its pretrain sampler (random batches)')
+    parser.add_argument('--samples', type=int, default=512,
+                        help='train: size of the generated data set (default 512)')
+    parser.add_argument('--config', help='step/project: the recipe (e.g. '
+                        'convllava_vicuna7b_768_stage3)')
+    parser.add_argument('--stage', choices=['pretrain', 'finetune'], default='finetune',
+                        help='step/project: which data the projection uses')
+    parser.add_argument('--device', default='cuda', help='step: cuda or cpu (default cuda)')
+    parser.add_argument('--text-tokens', type=int, help='step/project: text tokens per sample')
+    parser.add_argument('--mfu', type=float, default=0.4,
+                        help='project: assumed model FLOPs utilisation (default 0.4)')
+    parser.add_argument('--stages', nargs='+', default=['zero1', 'zero2', 'zero3'],
+                        help='memory: ZeRO stages to run')
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        if isinstance(value, float):
+            value = f'{value:.4g}'
+        elif isinstance(value, list) and len(value) > 8:
+            value = f'[{len(value)} values]'
+        print(f'{key:<28} {value}')
+
+
+def run(args) -> int:
+    import torch
+
+    from mllm.engine import benchmark
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        work_dir = args.work_dir or tmp
+        os.makedirs(work_dir, exist_ok=True)
+        if args.mode == 'train':
+            result = benchmark.bench_train(work_dir, steps=args.steps or 30,
+                                           batch_size=args.batch_size or 16,
+                                           llm_layers=args.llm_layers,
+                                           num_samples=args.samples, sampler=args.sampler)
+        elif args.mode == 'data':
+            result = benchmark.bench_data(work_dir)
+        elif args.mode == 'scale':
+            result = benchmark.bench_scale(work_dir)
+        elif args.mode == 'memory':
+            result = benchmark.bench_memory(work_dir, stages=args.stages,
+                                            iters=args.steps or 4)
+        elif not args.config:
+            raise ValueError(f'mllm bench {args.mode} needs --config (a recipe name or file)')
+        elif args.mode == 'project':
+            from mllm.engine.config import load_config
+            result = benchmark.bench_project(load_config(args.config), stage=args.stage,
+                                             mfu=args.mfu, text_tokens=args.text_tokens)
+        else:
+            from mllm.engine.config import load_config
+            result = benchmark.bench_step(load_config(args.config), stage=args.stage,
+                                          device=args.device, steps=args.steps or 3,
+                                          batch=args.batch_size, text_tokens=args.text_tokens)
+        result['threads'] = args.threads
+    _print(result, args.json)
+    return 0

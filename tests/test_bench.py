@@ -1,0 +1,226 @@
+"""Benchmarks: the faster training path gives the reference loss, both benchmark paths see
+the same samples, the JSON keys, and the FLOPs / projection arithmetic."""
+import json
+
+import pytest
+import torch
+
+from mllm.datasets.collate import llava_collate, pack_rows, packed_llava_collate
+from mllm.engine.benchmark import (A100_BF16_PEAK, collapse_image_runs, project_hours,
+                                   train_flops_per_sample)
+from mllm.registry import MODELS
+
+
+def _instances(lengths, num_visual=16, image_size=32, seed=1):
+    """Samples of the given text lengths; every third is text-only, first half unlabelled."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(5, 256, (n,), generator=g)
+        ids[0] = 1
+        labels = ids.clone()
+        labels[:n // 2] = -100
+        pixels = None
+        if i % 3 != 2:
+            ids = torch.cat([ids[:1], torch.full((num_visual,), -200), ids[1:]])
+            labels = torch.cat([labels[:1], torch.full((num_visual,), -100), labels[1:]])
+            pixels = torch.randn(3, image_size, image_size, generator=g)
+        out.append(dict(input_ids=ids, labels=labels, pixel_values=pixels, index=10 + i))
+    return out
+
+
+@pytest.fixture
+def trainable_model(tiny_model_cfg):
+    torch.manual_seed(0)
+    tiny_model_cfg['trainable'] = ['projector', 'llm']
+    tiny_model_cfg['llm']['attn_implementation'] = 'sdpa'
+    model = MODELS.build(tiny_model_cfg)
+    # HF's init (std 0.02) leaves attention near-uniform and its output tiny, so a leak
+    # between packed samples would hardly move the loss; larger weights make it count
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_pack_rows_first_fit_decreasing():
+    # decreasing: 50 | 30 + 20 | 12 + 10 + 7
+    assert pack_rows([30, 10, 12, 50, 7, 20], 50) == [[0, 5], [1, 2, 4], [3]]
+    with pytest.raises(ValueError, match='sample 1 has 9 tokens, more than the pack length 8'):
+        pack_rows([3, 9], 8)
+
+
+@pytest.mark.parametrize('attn', ['sdpa', 'eager'])
+def test_packed_loss_and_grads_equal_padded(trainable_model, attn):
+    """Packing several samples per row with per-sample attention is the same computation."""
+    model = trainable_model
+    model.llm.config._attn_implementation = attn
+    instances = _instances([30, 10, 12, 50, 7, 20])
+    padded, packed = llava_collate(instances), packed_llava_collate(instances)
+    assert packed['input_ids'].shape[0] < padded['input_ids'].shape[0]  # it did pack
+    assert packed['sample_rows'] == [[10, 15], [11, 12, 14], [13]]
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss = model(**batch)['loss']
+        loss.backward()
+        grads.append((loss.detach(), model.projector.linear_1.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-7)
+    # control: the same packed rows with one plain causal mask let samples see each other
+    leaky = dict(packed, attention_mask=torch.ones_like(packed['input_ids']))
+    assert abs(model(**leaky)['loss'].item() - grads[0][0].item()) > 0.01
+
+
+def test_answer_only_head_equals_hf_loss(trainable_model):
+    """The LM head on learned positions only gives HF's full-logits loss."""
+    batch = llava_collate(_instances([25, 40, 9, 33]))
+    ours = trainable_model(**batch)['loss']
+    embeds = trainable_model.embed_inputs(batch['input_ids'], batch['pixel_values'])
+    reference = trainable_model.llm(inputs_embeds=embeds, attention_mask=batch['attention_mask'],
+                                    labels=batch['labels']).loss
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_mllm_loss_equals_stock_xtuner_loss(saved_tiny_checkpoints, tiny_model_cfg):
+    """Same weights, same batch: mllm's packed path gives stock XTuner LLaVAModel's loss."""
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.model import LLaVAModel as XTunerLLaVA
+
+    from mllm.engine.benchmark import copy_projector
+    cfg = dict(tiny_model_cfg, trainable=['projector', 'llm'])
+    cfg['llm'] = dict(type='HFCausalLM', pretrained=saved_tiny_checkpoints['llm'],
+                      attn_implementation='sdpa')
+    cfg['vision_encoder'] = dict(type='CLIPVisionEncoder',
+                                 pretrained=saved_tiny_checkpoints['vision'])
+    ours = MODELS.build(cfg)
+    theirs = XTunerLLaVA(
+        llm=AutoModelForCausalLM.from_pretrained(saved_tiny_checkpoints['llm'],
+                                                 attn_implementation='sdpa'),
+        visual_encoder=CLIPVisionModel.from_pretrained(saved_tiny_checkpoints['vision']),
+        freeze_visual_encoder=True, use_activation_checkpointing=False)
+    copy_projector(ours, theirs)
+    instances = _instances([30, 10, 12, 50, 7, 20])
+    ours_loss = ours(**packed_llava_collate(instances))['loss']
+    # XTuner's layout: one -200 per image, expanded inside its model
+    from xtuner.dataset.collate_fns import default_collate_fn
+    xt = []
+    for x in instances:
+        ids, labels = collapse_image_runs(x['input_ids'].tolist(), x['labels'].tolist())
+        pixels = x['pixel_values'] if x['pixel_values'] is not None else torch.zeros(3, 32, 32)
+        xt.append(dict(input_ids=ids, labels=labels, pixel_values=pixels))
+    theirs_loss = theirs(default_collate_fn(xt)['data'], mode='loss')['loss']
+    torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_collapse_image_runs():
+    assert collapse_image_runs([1, -200, -200, -200, 7, -200, 8]) == [1, -200, 7, -200, 8]
+    assert collapse_image_runs([1, -200, -200, 7], [-100, -100, -100, 7]) == (
+        [1, -200, 7], [-100, -100, 7])
+
+
+def test_bench_train_cli_json(tmp_path, capsys):
+    """A short side-by-side run: JSON keys, same samples per step, equal losses."""
+    from mllm.cli import main
+    assert main(['bench', 'train', '--json', '--steps', '3', '--batch-size', '4',
+                 '--samples', '24', '--work-dir', str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {'mllm_tokens_per_s', 'xtuner_tokens_per_s', 'ratio'} <= set(result)
+    assert result['same_samples'] is True
+    assert result['ratio'] == pytest.approx(result['mllm_tokens_per_s'] /
+                                            result['xtuner_tokens_per_s'])
+    assert len(result['mllm_losses']) == len(result['xtuner_losses']) == 3
+    assert result['max_loss_diff'] < 1e-4  # identical models, ids and batches
+
+
+def test_flops_per_sample_and_projection():
+    # vicuna7b LLaVA-1.5 finetune sample: 1 + 576 + 300 tokens
+    flops = train_flops_per_sample(6_738_415_616, 32, 4096, 877, vision_forward_flops=0.0)
+    assert flops == 877 * (6 * 6_738_415_616 + 12 * 32 * 4096 * 877)
+    frozen = train_flops_per_sample(100, 1, 8, 10, 5.0, llm_trainable=False)
+    assert frozen == 10 * (4 * 100 + 12 * 8 * 10) + 5.0
+    # 1e18 FLOPs x 1e6 samples on 8 GPUs at 50% of 312 TFLOP/s
+    assert project_hours(1e18, 10 ** 6, 0.5) == pytest.approx(
+        1e24 / (8 * A100_BF16_PEAK * 0.5) / 3600)
+    with pytest.raises(ValueError, match='mfu'):
+        project_hours(1.0, 1, 0.0)
+
+
+def test_bench_step_cpu_path():
+    """The GPU script's step on a tiny config, on CPU: consistent throughput arithmetic."""
+    from mllm.engine.benchmark import bench_step
+    from mllm.engine.config import load_config
+    result = bench_step(load_config('configs/tiny/tiny_llava_synthetic.py'), device='cpu',
+                        steps=1, batch=2, text_tokens=20)
+    assert result['seq_len'] == 1 + 64 + 20 and result['visual_tokens'] == 64
+    assert result['tokens_per_s'] == pytest.approx(2 * 85 / result['step_s'])
+    assert result['mfu_vs_a100'] == pytest.approx(
+        result['flops_per_sample'] * 2 / result['step_s'] / A100_BF16_PEAK)
+    assert result['projected_hours_8xA100'] == pytest.approx(project_hours(
+        result['flops_per_sample'], 665_298, result['mfu_vs_a100']))
+
+
+def test_bench_gpu_script_tiny_cpu_path():
+    """tools/bench_gpu.sh --tiny runs the GPU script's step on CPU and prints one JSON."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(['bash', 'tools/bench_gpu.sh', '--tiny'], cwd=repo, text=True,
+                         capture_output=True, env={**os.environ, 'PYTHON': sys.executable},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result['device'] == 'cpu' and result['seq_len'] == 85
+    assert result['projected_hours_8xA100'] > 0
+
+
+def test_bench_step_without_config_fails(capsys):
+    from mllm.cli import main
+    assert main(['bench', 'step']) == 1
+    assert 'needs --config' in capsys.readouterr().err
+
+
+def test_packed_collate_keeps_boxes_with_their_images():
+    """MG-LLaVA: boxes follow the packed image order (text-only samples have none)."""
+    instances = _instances([30, 10, 12, 50])  # sample 2 is text-only
+    for k, x in enumerate(instances):
+        if x['pixel_values'] is not None:
+            x['boxes'] = torch.full((k + 1, 4), float(k))
+    packed = packed_llava_collate(instances)
+    order = [i - 10 for row in packed['sample_rows'] for i in row if i - 10 != 2]
+    assert [b[0, 0].item() for b in packed['boxes']] == order
+    assert [len(b) for b in packed['boxes']] == [k + 1 for k in order]
+
+
+def test_recipe_flops_vicuna7b_finetune_on_meta():
+    """FLOPs per sample of the LLaVA-1.5 7B finetune from its architecture (no weights)."""
+    from mllm.engine.benchmark import recipe_flops
+    from mllm.engine.config import load_config
+    result = recipe_flops(load_config('llava15_vicuna7b_finetune'), 'finetune')
+    assert result['seq_len'] == 1 + 576 + 300 and result['llm_trainable']
+    vision = result['vision_forward_flops']
+    # CLIP ViT-L/14-336 up to layer -2: ~2 x 303.5 M params x 577 tokens plus attention
+    assert 2 * 290e6 * 577 < vision < 0.45e12
+    assert result['flops_per_sample'] == train_flops_per_sample(6_738_415_616, 32, 4096, 877,
+                                                                vision)
+
+
+def test_train_with_packed_collate_from_a_config(tmp_path):
+    """Packing is a config switch for `mllm train`; throughput is still logged."""
+    from mllm.cli import main
+    from mllm.datasets.synthetic import generate_synthetic_vqa
+    data = generate_synthetic_vqa(str(tmp_path / 'data'), num_train=32, num_val=0)
+    work_dir = tmp_path / 'run'
+    assert main(['train', 'configs/tiny/tiny_llava_synthetic.py', '--work-dir', str(work_dir),
+                 '--cfg-options', 'train_dataloader.collate_fn.type=mllm.packed_llava_collate',
+                 'train_dataloader.batch_size=8', 'train_cfg.max_iters=2',
+                 'default_hooks.logger.interval=1', 'default_hooks.checkpoint.interval=2',
+                 f'train_dataloader.dataset.data_path={data["train"]}',
+                 f'train_dataloader.dataset.image_folder={data["image_folder"]}',
+                 f'tokenizer.pretrained={data["tokenizer"]}']) == 0
+    scalars = [json.loads(line) for path in work_dir.glob('*/vis_data/scalars.json')
+               for line in path.read_text().splitlines()]
+    logged = [s for s in scalars if 'loss' in s]
+    assert len(logged) == 2 and all(s['tokens_per_s'] > 0 for s in logged)
