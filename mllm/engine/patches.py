@@ -123,6 +123,26 @@ def zero3_wait_all_gathers() -> None:
     Init._allgather_params_coalesced = allgather_params_coalesced
 
 
+def deepspeed_model_init_seed() -> None:
+    """MMEngine's ``Runner`` builds the model right after seeding; ``FlexibleRunner`` builds
+    it in ``train()``, after the data loaders, from a used random state, so the same seed
+    gave other initial weights under DeepSpeed than in a single-process run. Re-seed just
+    before the strategy builds the model, as ``Runner`` is then."""
+    from mmengine._strategy.deepspeed import DeepSpeedStrategy
+
+    original = DeepSpeedStrategy.build_model
+    if hasattr(original, 'reseeds'):
+        return
+
+    def build_model(self, model):
+        if isinstance(model, dict) and self._randomness.get('seed') is not None:
+            self._set_randomness(**self._randomness)  # the configured seed, applied again
+        return original(self, model)
+
+    build_model.reseeds = original
+    DeepSpeedStrategy.build_model = build_model
+
+
 def deepspeed_checkpoint_loading() -> None:
     """DeepSpeed's ``TorchCheckpointEngine.load`` unpickles every checkpoint file with
     ``weights_only=False``, silently. Load through ``load_trusted_checkpoint`` instead:
@@ -143,4 +163,5 @@ def apply_all(cfg, launcher: str = 'none') -> None:
     skip_nonfinite_steps(cfg)
     if (cfg.get('strategy') or {}).get('type') == 'DeepSpeedStrategy':
         zero3_wait_all_gathers()
+        deepspeed_model_init_seed()
         deepspeed_checkpoint_loading()
