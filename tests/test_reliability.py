@@ -257,7 +257,16 @@ def test_bad_sample_policy_threshold_and_default_error(tmp_path, synthetic):
 
 # ---------------------------------------------------------------- security basics
 
-def test_checkpoints_load_weights_only_first_with_a_logged_fallback(tmp_path, capsys):
+def logged_messages(monkeypatch):
+    """The messages ``mllm.engine.patches`` logs from now on (MMEngine's logger may be bound
+    to another test's stdout, so capsys cannot be relied on)."""
+    from mllm.engine import patches
+    messages = []
+    monkeypatch.setattr(patches, 'print_log', lambda msg, **kwargs: messages.append(msg))
+    return messages
+
+
+def test_checkpoints_load_weights_only_first_with_a_logged_fallback(tmp_path, monkeypatch):
     """Plain tensors load with weights_only=True; a checkpoint holding other objects
     (runner state) loads only through the explicit, logged weights_only=False fallback,
     for MMEngine's loader and DeepSpeed's checkpoint engine alike."""
@@ -274,14 +283,14 @@ def test_checkpoints_load_weights_only_first_with_a_logged_fallback(tmp_path, ca
 
     patches.patch_checkpoint_loading()
     patches.deepspeed_checkpoint_loading()
-    capsys.readouterr()
+    messages = logged_messages(monkeypatch)
     assert torch.equal(CheckpointLoader.load_checkpoint(str(weights))['state_dict']['w'],
                        torch.ones(2))
-    assert 'weights_only=False' not in capsys.readouterr().out
+    assert messages == []
     for load in (CheckpointLoader.load_checkpoint, TorchCheckpointEngine(None).load):
         assert load(str(runner_state))['cfg'] == ConfigDict(a=1)
-        assert (f'{runner_state} holds non-tensor objects (runner state); loading it with '
-                'weights_only=False') in capsys.readouterr().out
+        assert messages.pop().startswith(f'{runner_state} holds non-tensor objects (runner '
+                                         'state); loading it with weights_only=False')
 
 
 def test_remote_code_in_a_checkpoint_does_not_run_unless_the_config_asks(tmp_path):
@@ -312,3 +321,27 @@ def test_benchmark_image_names_may_not_escape_the_image_folder(tmp_path, name):
     assert benchmarks._image(str(folder), 'q1/img.png') == str(folder / 'q1' / 'img.png')
     with pytest.raises(DataError, match='points outside the image folder'):
         benchmarks._image(str(folder), name)
+
+
+def test_timm_weights_file_loads_weights_only_first(tmp_path, monkeypatch):
+    """ConvNeXtEncoder(backend='timm') loads a local file through timm, which would unpickle
+    it with weights_only=False; a plain state dict now loads without the fallback, a file
+    with other objects only through the logged one."""
+    import timm
+    from mmengine.config import ConfigDict
+
+    from mllm.models.convnext import ConvNeXtEncoder
+    tiny = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+    model = timm.create_model('convnext_atto', **tiny)
+    plain, extra = tmp_path / 'plain.pth', tmp_path / 'extra.pth'
+    torch.save(model.state_dict(), plain)
+    torch.save({'state_dict': model.state_dict(), 'cfg': ConfigDict(a=1)}, extra)
+    messages = logged_messages(monkeypatch)
+    for path, falls_back in ((plain, False), (extra, True)):
+        encoder = ConvNeXtEncoder(backend='timm', model_name='convnext_atto', model_kwargs=tiny,
+                                  pretrained=str(path))
+        assert torch.equal(encoder.stages[3].blocks[0].conv_dw.weight,
+                           model.stages[3].blocks[0].conv_dw.weight)
+        logged = f'{path} holds non-tensor objects; loading it with weights_only=False'
+        assert [m for m in messages if m.startswith(logged)] == ([messages[-1]] if falls_back
+                                                                 else [])

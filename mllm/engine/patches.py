@@ -24,6 +24,32 @@ def load_trusted_checkpoint(filename: str, map_location='cpu'):
         return torch.load(filename, map_location=map_location, weights_only=False)
 
 
+def timm_weights_only() -> None:
+    """timm's ``load_pretrained`` reads a local weights file (``pretrained_cfg_overlay=
+    dict(file=...)``, how ``ConvNeXtEncoder(backend='timm')`` loads) with
+    ``load_state_dict(path)``, whose default is ``weights_only=False``. Load it with
+    ``weights_only=True`` first and fall back, logged, only for files that need it."""
+    from timm.models import _builder
+
+    original = _builder.load_state_dict
+    if hasattr(original, 'weights_only_first'):
+        return
+
+    def load_state_dict(checkpoint_path, *args, **kwargs):
+        if 'weights_only' in kwargs:
+            return original(checkpoint_path, *args, **kwargs)
+        try:
+            return original(checkpoint_path, *args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError:
+            print_log(f'{checkpoint_path} holds non-tensor objects; loading it with '
+                      'weights_only=False — only load checkpoints you trust',
+                      logger='current', level=logging.INFO)
+            return original(checkpoint_path, *args, weights_only=False, **kwargs)
+
+    load_state_dict.weights_only_first = original
+    _builder.load_state_dict = load_state_dict
+
+
 def patch_checkpoint_loading() -> None:
     """mmengine 0.10.6 calls ``torch.load`` without ``weights_only``; torch >= 2.6 then
     defaults to ``weights_only=True`` and refuses mmengine's own checkpoints. Route its
