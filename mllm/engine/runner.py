@@ -98,7 +98,7 @@ def build_runner(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'n
     if deepspeed:
         use_deepspeed(cfg, deepspeed)
     if launcher != 'none':  # log the mean loss over ranks, not rank 0's
-        cfg.custom_hooks = [*cfg.get('custom_hooks', []), dict(type='RankMeanLossHook')]
+        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type='RankMeanLossHook')]
     patches.apply_all(cfg, launcher)
     if cfg.get('runner_type') == 'FlexibleRunner':
         from mmengine.runner import FlexibleRunner
