@@ -15,5 +15,7 @@ setup(
     python_requires='>=3.10,<3.13',
     # xtuner itself is installed with --no-deps (requirements-nodeps.txt explains why)
     install_requires=requirements('requirements.txt'),
-    entry_points={'console_scripts': ['mllm = mllm.cli:main']},
+    entry_points={'console_scripts': ['mllm = mllm.cli:main'],
+                  # `python -m lmms_eval --model mllm` (lmms-eval >= 0.6; optional dependency)
+                  'lmms_eval.models': ['mllm = mllm.engine.lmms_eval_adapter:manifest']},
 )

@@ -324,3 +324,32 @@ def test_full_demo_beats_blind_baseline_by_30_points(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / 'demo' / 'results.json') as f:
         assert json.load(f)['margin_points'] >= 30
+
+
+def test_tensorboard_backend_logs_the_same_losses(tmp_path, synthetic):
+    """`log_backends=['tensorboard']` writes event files holding the losses of scalars.json."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(tmp_path, synthetic, iters=2, options=["log_backends=['tensorboard']"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = glob.glob(str(tmp_path / '*' / 'vis_data' / 'events.out.tfevents.*'))
+    assert len(events) == 1
+    accumulator = EventAccumulator(events[0])
+    accumulator.Reload()
+    logged = [e.value for e in accumulator.Scalars('loss')]
+    assert logged == pytest.approx(losses(tmp_path), rel=1e-6) and len(logged) == 2
+
+
+def test_log_backends_errors():
+    with pytest.raises(ValueError, match=r"unknown \['mlflow'\]"):
+        load_config(TINY, {'log_backends': ['mlflow']})
+    cfg = load_config(TINY, {'log_backends': ['tensorboard']})
+    assert [b['type'] for b in cfg.visualizer.vis_backends] == ['LocalVisBackend',
+                                                                'TensorboardVisBackend']
+    assert load_config(TINY).visualizer.vis_backends == [dict(type='LocalVisBackend')]
+    import importlib.util
+    if importlib.util.find_spec('wandb') is None:
+        with pytest.raises(ImportError, match='pip install wandb'):
+            load_config(TINY, {'log_backends': ['wandb']})

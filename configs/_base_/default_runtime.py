@@ -20,9 +20,12 @@ env_cfg = dict(
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
     dist_cfg=dict(backend='nccl'),  # switched to gloo on CPU
 )
-# per-iteration scalars land in <work_dir>/<timestamp>/vis_data/scalars.json; add
-# dict(type='TensorboardVisBackend') or dict(type='WandbVisBackend') to vis_backends for those
+# per-iteration scalars land in <work_dir>/<timestamp>/vis_data/scalars.json
 visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
+# more logging backends, off by default and offline: 'tensorboard' (event files next to
+# scalars.json) and/or 'wandb' (offline mode; `pip install wandb`, `wandb sync` to upload),
+# e.g. --cfg-options "log_backends=['tensorboard']"
+log_backends = []
 log_processor = dict(by_epoch=False, window_size=1)
 log_level = 'INFO'
 load_from = None

@@ -19,6 +19,7 @@ COMMANDS = {
     'convert': ('mllm.cli.convert', 'export a checkpoint to a self-contained Hugging Face folder'),
     'eval': ('mllm.cli.eval', 'evaluate a model on a benchmark file (MMBench, POPE, ...)'),
     'plot': ('mllm.cli.plot', 'loss / lr / grad-norm / throughput curves of training runs'),
+    'annotate-boxes': ('mllm.cli.annotate_boxes', 'object boxes for MG-LLaVA from a local OWLv2 detector'),
 }
 
 

@@ -16,6 +16,11 @@ def add_arguments(parser):
     parser.add_argument('--checkpoint', help='iter_N.pth of the config\'s training')
     parser.add_argument('--image', required=True, help='image file (PNG, JPEG, ...)')
     parser.add_argument('--prompt', help='answer this one question and exit')
+    parser.add_argument('--boxes', help='object boxes of the image (MG-LLaVA): a box file '
+                        '(`mllm annotate-boxes`) holding the image, or one entry '
+                        '{"boxes": [[x1, y1, x2, y2], ...], "labels": [...]}')
+    parser.add_argument('--max-boxes', type=int, default=100,
+                        help='most object tokens, best scores first (as the dataset)')
     parser.add_argument('--max-new-tokens', type=int, default=256)
     parser.add_argument('--temperature', type=float, default=0.0,
                         help='0 decodes greedily (default); > 0 samples')
@@ -37,6 +42,33 @@ def _questions(args):
         yield line.strip()
 
 
+def read_box_entry(path: str, image_path: str) -> dict:
+    """The boxes of ``image_path`` from a box file, or a file holding a single entry."""
+    import json
+    import os
+
+    from mllm.datasets.boxes import BoxFileError, entry_error, load_box_file
+
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'--boxes: file not found: {path}') from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f'--boxes: {path} is not valid JSON ({err})') from None
+    if isinstance(data, dict) and 'boxes' in data:  # a single entry
+        if (error := entry_error(data)):
+            raise BoxFileError(f'--boxes: {path}: {error}')
+        return data
+    entries = load_box_file(path)
+    # keys are relative to an image folder: match the longest key the image path ends with
+    image_path = os.path.abspath(image_path).replace(os.sep, '/')
+    matches = [k for k in entries if image_path == k or image_path.endswith('/' + k.lstrip('/'))]
+    if not matches:
+        raise KeyError(f'--boxes: {path} has no entry for {image_path}')
+    return entries[max(matches, key=len)]
+
+
 def run(args) -> int:
     from mllm.datasets.templates import IMAGE_TOKEN
     from mllm.engine.inference import (generate_reply, load_for_inference, load_image,
@@ -46,7 +78,8 @@ def run(args) -> int:
         raise ValueError(f'--max-new-tokens must be >= 1, got {args.max_new_tokens}')
     if args.temperature < 0:
         raise ValueError(f'--temperature must be >= 0, got {args.temperature}')
-    image = load_image(args.image)  # fail on a bad image before loading the model
+    image = load_image(args.image)  # fail on bad input before loading the model
+    box_entry = read_box_entry(args.boxes, args.image) if args.boxes else None
     model, tokenizer, image_processor, template = load_for_inference(
         args.model, args.checkpoint, args.cfg_options)
     conversation = []
@@ -54,7 +87,8 @@ def run(args) -> int:
         # the image goes into the first turn, as in LLaVA's training data
         text = question if conversation else f'{IMAGE_TOKEN}\n{question}'
         conversation.append({'from': 'human', 'value': text})
-        batch = prompt_inputs(conversation, tokenizer, template, image_processor, image)
+        batch = prompt_inputs(conversation, tokenizer, template, image_processor, image,
+                              box_entry=box_entry, max_boxes=args.max_boxes)
         print('ASSISTANT: ', end='', flush=True)
         answer = generate_reply(model, tokenizer, template, batch, args.max_new_tokens,
                                 args.temperature, stream=sys.stdout)

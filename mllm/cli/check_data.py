@@ -34,9 +34,16 @@ def sample_problems(dataset):
             try:
                 image = dataset.load_image(index)
                 num_image_tokens = dataset.image_processor.num_visual_tokens(image.size)
+                if dataset.box_entries is not None:
+                    num_image_tokens += len(dataset.image_boxes(index, image.size))
             except DataError as err:
                 yield index, str(err).removeprefix(dataset.describe(index) + ': ')
                 continue
+            if dataset.box_entries is not None:
+                from mllm.datasets.boxes import box_problems
+                for problem in box_problems(dataset.box_entry(index), *image.size):
+                    yield index, f'box file {dataset.box_file}: {problem}'
+
         try:
             encoded = encode_conversation(sample['conversations'], dataset.tokenizer,
                                           dataset.template, num_image_tokens=num_image_tokens)

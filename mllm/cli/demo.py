@@ -19,7 +19,21 @@ DEMO_MODELS = {
     'tiny_convllava': ('configs/tiny/tiny_convllava_synthetic.py', False),
     # native-resolution 2x2 slices + overview, 16 resampled tokens each: 80 tokens (opt-in)
     'tiny_uhd': ('configs/tiny/tiny_uhd_synthetic.py', False),
+    # 64-px ViT + 256-px ConvNeXt fused on the same 64-token grid, + 1 token per box (opt-in)
+    'tiny_mgllava': ('configs/tiny/tiny_mgllava_synthetic.py', False),
 }
+
+
+def data_options(name: str, data_dir: str) -> dict:
+    """Dataset paths of the demo's synthetic set, for model ``name``'s config."""
+    from mmengine.config import Config
+
+    options = {'train_dataloader.dataset.data_path': f'{data_dir}/train.json',
+               'train_dataloader.dataset.image_folder': f'{data_dir}/images',
+               'tokenizer.pretrained': f'{data_dir}/tokenizer'}
+    if Config.fromfile(DEMO_MODELS[name][0]).train_dataloader.dataset.get('box_file'):
+        options['train_dataloader.dataset.box_file'] = f'{data_dir}/boxes.json'
+    return options
 
 
 def add_arguments(parser):
@@ -34,9 +48,8 @@ def add_arguments(parser):
 
 def train(name: str, args, extra_options) -> float:
     """Train through the real CLI in a subprocess; returns the wall time in seconds."""
-    options = [f'train_dataloader.dataset.data_path={args.data_dir}/train.json',
-               f'train_dataloader.dataset.image_folder={args.data_dir}/images',
-               f'tokenizer.pretrained={args.data_dir}/tokenizer', *extra_options]
+    options = [f'{k}={v}' for k, v in data_options(name, args.data_dir).items()]
+    options += extra_options
     if args.max_iters:
         options.append(f'train_cfg.max_iters={args.max_iters}')
     cmd = [sys.executable, '-m', 'mllm', 'train', DEMO_MODELS[name][0],
@@ -57,7 +70,7 @@ def evaluate(name: str, args, blank_images: bool) -> dict:
     from mllm.engine.inference import answer_questions, load_model
     from mllm.registry import DATASETS
 
-    cfg = load_config(DEMO_MODELS[name][0], {'tokenizer.pretrained': f'{args.data_dir}/tokenizer'})
+    cfg = load_config(DEMO_MODELS[name][0], data_options(name, args.data_dir))
     work_dir = os.path.join(args.work_dir, name)
     with open(os.path.join(work_dir, 'last_checkpoint')) as f:
         checkpoint = f.read().strip()

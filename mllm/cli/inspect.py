@@ -7,7 +7,8 @@ import torch
 from mmengine.config import DictAction
 
 # model attribute -> reported component name
-COMPONENT_NAMES = {'vision_encoder': 'vision', 'projector': 'projector', 'llm': 'llm'}
+COMPONENT_NAMES = {'vision_encoder': 'vision', 'high_res_encoder': 'vision_high_res',
+                   'projector': 'projector', 'llm': 'llm'}
 
 
 def parse_size(text: str):
@@ -40,8 +41,9 @@ def inspect_config(cfg, image_size=None) -> dict:
     from mllm.registry import MODELS, TRANSFORMS
 
     model_cfg = cfg.model.copy()
-    for key in ('llm', 'vision_encoder'):
-        model_cfg[key] = _without_weights(model_cfg[key])
+    for key in ('llm', 'vision_encoder', 'high_res_encoder'):
+        if key in model_cfg:
+            model_cfg[key] = _without_weights(model_cfg[key])
     with torch.device('meta'):
         model = MODELS.build(model_cfg)
     params = {}

@@ -39,5 +39,11 @@ def llava_collate(instances: List[dict], pad_token_id: int = 0,
             images += list(pixels) if isinstance(pixels, (list, tuple)) else [pixels]
     if images and len({tuple(im.shape) for im in images}) == 1:
         images = torch.stack(images)  # one shape: a plain batch tensor
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-                pixel_values=images if len(images) else None)
+    batch = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                 pixel_values=images if len(images) else None)
+    if any(x.get('boxes') is not None for x in instances):
+        # object boxes, one (n_i, 4) tensor per image in image order (MG-LLaVA)
+        batch['boxes'] = [torch.as_tensor(x['boxes']).reshape(-1, 4) if x.get('boxes') is not None
+                          else torch.zeros(0, 4)
+                          for x in instances if x.get('pixel_values') is not None]
+    return batch

@@ -72,6 +72,18 @@ class LLaVAImageProcessor:
         w, h = self.output_size(image_size)
         return (w // self.token_stride) * (h // self.token_stride)
 
+    def map_boxes(self, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+        """xyxy boxes (n, 4) in pixels of the original image of ``image_size`` = (W, H) ->
+        pixels of the output tensor, through the same padding and resizing as the image."""
+        w, h = image_size
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        if self.pad_to_square and not self.keep_aspect:
+            side = max(w, h)  # expand_to_square pastes the image at ((side-w)//2, (side-h)//2)
+            offset = torch.tensor([(side - w) // 2, (side - h) // 2] * 2, dtype=torch.float32)
+            boxes, w, h = boxes + offset, side, side
+        out_w, out_h = self.output_size((w, h))
+        return boxes * torch.tensor([out_w / w, out_h / h] * 2)
+
     def blank(self) -> Image.Image:
         """An image that carries no information: the pad colour everywhere."""
         return Image.new('RGB', (self.size, self.size), self.pad_colour)

@@ -103,6 +103,22 @@ def expand_image_placeholder(conversations: List[dict], image_processor, image_s
             if turn['from'] in ('human', 'user') else turn for turn in conversations]
 
 
+def select_boxes(entry: dict, image_size, image_processor, max_boxes: int) -> torch.Tensor:
+    """The object boxes one image contributes (training and chat alike): a box-file entry's
+    boxes clipped to the image of ``image_size`` = (W, H), degenerate ones dropped, at most
+    ``max_boxes`` (best scores first), mapped to pixels of the processor's output tensor."""
+    from mllm.datasets.boxes import clip_boxes
+
+    boxes = clip_boxes(torch.tensor(entry['boxes'], dtype=torch.float32).reshape(-1, 4),
+                       *image_size)
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    order = torch.arange(len(boxes))
+    if entry.get('scores') is not None:
+        order = torch.argsort(torch.tensor(entry['scores']), descending=True, stable=True)
+    order = order[valid[order]][:max_boxes]
+    return image_processor.map_boxes(boxes[order], image_size)
+
+
 @DATASETS.register_module()
 class LLaVADataset(Dataset):
     """LLaVA JSON/JSONL conversations with images, encoded as training sees them.
@@ -124,12 +140,18 @@ class LLaVADataset(Dataset):
             sample instead. Defaults to 'error'.
         max_skipped_ratio: under 'skip', stop once more than this share of the dataset
             was found bad (counted per data-loader worker). Defaults to 0.01.
+        box_file: object boxes per image (MG-LLaVA object tokens; format in
+            ``mllm.datasets.boxes``). Each image then reserves one more image-token slot
+            per box and the sample carries ``boxes`` (xyxy pixels of the image tensor).
+            An image without an entry in the file is a bad sample. Defaults to None.
+        max_boxes: most boxes per image, the best-scoring first. Defaults to 100.
     """
 
     def __init__(self, data_path: str, tokenizer, template: str, image_processor,
                  image_folder: Optional[str] = None, max_length: int = 2048,
                  blank_images: bool = False, strict: bool = True,
-                 bad_sample_policy: str = 'error', max_skipped_ratio: float = 0.01):
+                 bad_sample_policy: str = 'error', max_skipped_ratio: float = 0.01,
+                 box_file: Optional[str] = None, max_boxes: int = 100):
         from mllm.models.llms import build_tokenizer  # keeps `import mllm.datasets` light
 
         self.data_path = data_path
@@ -145,6 +167,14 @@ class LLaVADataset(Dataset):
         self.bad_sample_policy = bad_sample_policy
         self.max_skipped_ratio = max_skipped_ratio
         self.skipped = set()  # indices found bad at run time (this process only)
+        self.box_file, self.max_boxes = box_file, max_boxes
+        self.box_entries = None
+        if box_file is not None:
+            from mllm.datasets.boxes import load_box_file
+            if not hasattr(self.image_processor, 'map_boxes'):
+                raise ValueError(f'{type(self.image_processor).__name__} cannot map boxes; '
+                                 'box_file needs an image processor with map_boxes()')
+            self.box_entries = load_box_file(box_file)
         self.samples, self.places = read_samples(data_path)
         self.problems = [(i, p) for i, s in enumerate(self.samples)
                          if (p := sample_problem(s)) is not None]
@@ -190,6 +220,23 @@ class LLaVADataset(Dataset):
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f'{self.describe(index)}: cannot decode image {path} ({err})') from err
 
+    def box_entry(self, index: int) -> dict:
+        """The box-file entry of sample ``index``'s image; ``DataError`` when it has none."""
+        key = self.samples[index]['image']
+        entry = self.box_entries.get(key)
+        if entry is None:
+            entry = self.box_entries.get(os.path.normpath(key).replace(os.sep, '/'))
+        if entry is None:
+            raise DataError(f'{self.describe(index)}: image {key!r} has no entry in the box file '
+                            f'{self.box_file} (annotate it with `mllm annotate-boxes`)')
+        return entry
+
+    def image_boxes(self, index: int, image_size) -> torch.Tensor:
+        """The boxes of sample ``index``'s image, clipped to it, degenerate ones dropped, at
+        most ``max_boxes`` (best scores first), mapped to pixels of the image tensor."""
+        return select_boxes(self.box_entry(index), image_size, self.image_processor,
+                            self.max_boxes)
+
     def __getitem__(self, index: int) -> dict:
         if self.bad_sample_policy == 'error':
             return self.encode(index)
@@ -216,10 +263,16 @@ class LLaVADataset(Dataset):
         """Sample ``index`` as training sees it; raises ``DataError`` naming it."""
         sample = self.samples[index]
         conversations, num_image_tokens, pixel_values = sample['conversations'], 0, None
+        boxes = None
         if sample.get('image'):
             image = self.image_processor.blank() if self.blank_images else self.load_image(index)
             pixel_values = self.image_processor(image)
             num_image_tokens = self.image_processor.num_visual_tokens(image.size)
+            if self.box_entries is not None:
+                # a blank image has no objects: the blind baseline sees no boxes either
+                boxes = (torch.zeros(0, 4) if self.blank_images
+                         else self.image_boxes(index, image.size))
+                num_image_tokens += len(boxes)  # one object token per box, after the grid
             conversations = expand_image_placeholder(conversations, self.image_processor, image.size)
         try:
             encoded = encode_conversation(conversations, self.tokenizer, self.template,
@@ -227,6 +280,9 @@ class LLaVADataset(Dataset):
                                           max_length=self.max_length)
         except ValueError as err:
             raise DataError(f'{self.describe(index)}: {err}') from err
-        return dict(input_ids=torch.tensor(encoded['input_ids']),
+        item = dict(input_ids=torch.tensor(encoded['input_ids']),
                     labels=torch.tensor(encoded['labels']),
                     pixel_values=pixel_values, index=index)
+        if self.box_entries is not None:
+            item['boxes'] = boxes
+        return item

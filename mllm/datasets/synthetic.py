@@ -77,7 +77,7 @@ CHAT_TEXTS = ("A chat between a curious user and an artificial intelligence assi
               "helpful, detailed, and polite answers to the user's questions.", 'USER: ASSISTANT:')
 SPECIAL_TOKENS = ('<unk>', '<s>', '</s>', '<pad>', '<image>')  # ids 0..4, Llama order for the first three
 VOCAB_LIMIT = 256  # vocab_size of the tiny LLM config
-FORMAT_VERSION = 2  # bump when the output changes for the same arguments; invalidates meta.json caches
+FORMAT_VERSION = 3  # bump when the output changes for the same arguments; invalidates meta.json caches
 
 
 def _draw_shape(draw, shape, cx, cy, r, fill):
@@ -173,6 +173,21 @@ def _render(params, size):
     return img
 
 
+def _object_boxes(params, size):
+    """Ground-truth boxes of one scene (xyxy pixels, a label each): every drawn shape, and the
+    framed fine-detail patch; they stand in for a detector's output (``boxes.json``)."""
+    boxes = [[cx - r, cy - r, cx + r, cy + r] for cx, cy, r in params['items']]
+    labels = ['shape'] * len(boxes)
+    if params['category'] == 'fine_detail':
+        f, n = size // 64, PATCH_CELLS * (size // 64)
+        x0, y0 = _detail_origin(params, size)
+        boxes.append([x0 - f, y0 - f, x0 + n + f, y0 + n + f])
+        labels.append('box')
+    clip = lambda v: float(min(max(v, 0), size))  # noqa: E731
+    return dict(boxes=[[clip(v) for v in box] for box in boxes], labels=labels,
+                scores=[1.0] * len(boxes))
+
+
 def _plan_split(rng, num):
     """Balanced (category, answer, question) triples in shuffled order.
 
@@ -191,8 +206,9 @@ def _plan_split(rng, num):
     return plan
 
 
-def _write_split(out_dir, split, num, size, seed):
-    """Render and save one split; returns the path of its JSON file."""
+def _write_split(out_dir, split, num, size, seed, boxes):
+    """Render and save one split; returns the path of its JSON file. The scenes' object boxes
+    are added to ``boxes`` (keyed by image path, as the box-file format says)."""
     rng = random.Random(f'mllm-synthetic-{seed}-{split}')  # own RNG: global random state untouched
     img_dir = osp.join(out_dir, 'images', split)
     os.makedirs(img_dir, exist_ok=True)
@@ -200,6 +216,7 @@ def _write_split(out_dir, split, num, size, seed):
     for i, (category, answer, question) in enumerate(_plan_split(rng, num)):
         params = _sample_params(rng, category, answer, size)
         _render(params, size).save(osp.join(img_dir, f'{i:06d}.png'), compress_level=1)
+        boxes[f'{split}/{i:06d}.png'] = _object_boxes(params, size)
         samples.append(dict(id=f'{split}_{i:06d}', image=f'{split}/{i:06d}.png', conversations=[
             {'from': 'human', 'value': f'<image>\n{question}'}, {'from': 'gpt', 'value': answer}],
             category=category))
@@ -254,7 +271,7 @@ def _is_complete(out_dir, meta):
                 return False
     except (OSError, ValueError):
         return False
-    needed = ['train.json', 'val.json', osp.join('tokenizer', 'tokenizer.json')]
+    needed = ['train.json', 'val.json', 'boxes.json', osp.join('tokenizer', 'tokenizer.json')]
     needed += [osp.join('images', split, f'{meta[f"num_{split}"] - 1:06d}.png')
                for split in ('train', 'val') if meta[f'num_{split}']]
     return all(osp.exists(osp.join(out_dir, p)) for p in needed)
@@ -264,7 +281,9 @@ def generate_synthetic_vqa(out_dir, num_train=4000, num_val=500, image_size=256,
     """Write the synthetic set to ``out_dir`` (cached: returns at once if already generated alike).
 
     Layout: ``train.json``, ``val.json``, ``images/{train,val}/NNNNNN.png`` (image paths in the JSON are
-    relative to ``images/``), ``tokenizer/`` (load with ``AutoTokenizer.from_pretrained``) and ``meta.json``
+    relative to ``images/``), ``boxes.json`` (every scene's ground-truth object boxes in the box-file
+    format of ``mllm.datasets.boxes``, for MG-LLaVA's object tokens), ``tokenizer/`` (load with
+    ``AutoTokenizer.from_pretrained``) and ``meta.json``
     (the arguments; written last, so its presence marks a complete set). Same arguments, same bytes.
 
     Args:
@@ -277,26 +296,30 @@ def generate_synthetic_vqa(out_dir, num_train=4000, num_val=500, image_size=256,
         overwrite: regenerate even if a matching set exists. Defaults to False.
 
     Returns:
-        dict(train=, val=, image_folder=, tokenizer=) paths.
+        dict(train=, val=, image_folder=, boxes=, tokenizer=) paths.
     """
     if image_size % 256:
         raise ValueError(f'image_size must be a multiple of 256 (the fine detail needs >= 4 px per '
                          f'64-px cell), got {image_size}')
     paths = dict(train=osp.join(out_dir, 'train.json'), val=osp.join(out_dir, 'val.json'),
-                 image_folder=osp.join(out_dir, 'images'), tokenizer=osp.join(out_dir, 'tokenizer'))
+                 image_folder=osp.join(out_dir, 'images'), boxes=osp.join(out_dir, 'boxes.json'),
+                 tokenizer=osp.join(out_dir, 'tokenizer'))
     meta = dict(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
                 version=FORMAT_VERSION)
     if not overwrite and _is_complete(out_dir, meta):
         return paths
     os.makedirs(out_dir, exist_ok=True)
     # remove only what this function writes; meta.json first so a crash leaves an incomplete set
-    for name in ('meta.json', 'train.json', 'val.json'):
+    for name in ('meta.json', 'train.json', 'val.json', 'boxes.json'):
         if osp.exists(osp.join(out_dir, name)):
             os.remove(osp.join(out_dir, name))
     for name in (paths['image_folder'], paths['tokenizer']):
         shutil.rmtree(name, ignore_errors=True)
-    _write_split(out_dir, 'train', num_train, image_size, seed)
-    _write_split(out_dir, 'val', num_val, image_size, seed)
+    boxes = {}
+    _write_split(out_dir, 'train', num_train, image_size, seed, boxes)
+    _write_split(out_dir, 'val', num_val, image_size, seed, boxes)
+    with open(paths['boxes'], 'w') as f:
+        json.dump(boxes, f)
     texts = [q for qs in QUESTIONS.values() for q in qs] + [a for ans in ANSWERS.values() for a in ans]
     build_tokenizer(texts).save_pretrained(paths['tokenizer'])
     with open(osp.join(out_dir, 'meta.json'), 'w') as f:

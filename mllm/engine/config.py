@@ -16,7 +16,7 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 CONFIG_ROOT = os.path.join(PACKAGE_ROOT, 'configs')
 
 # (top-level key, where it is bound) pairs; a value already set at the target wins.
-MODEL_BINDINGS = ('llm', 'vision_encoder')
+MODEL_BINDINGS = ('llm', 'vision_encoder', 'high_res_encoder')
 DATASET_BINDINGS = ('tokenizer', 'template', 'image_processor')
 DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
@@ -55,8 +55,38 @@ def _signature_keys(component_cfg) -> set:
     return set(inspect.signature(cls).parameters) if cls else set()
 
 
+# `log_backends` names -> MMEngine visualizer backends (all write locally; W&B runs offline)
+LOG_BACKENDS = {
+    'tensorboard': dict(type='TensorboardVisBackend'),
+    'wandb': dict(type='WandbVisBackend', init_kwargs=dict(project='mllm', mode='offline')),
+}
+
+
+def _bind_log_backends(cfg: Config) -> None:
+    names = cfg.get('log_backends') or []
+    unknown = [n for n in names if n not in LOG_BACKENDS]
+    if unknown:
+        raise ValueError(f'log_backends: unknown {unknown}; choose from {sorted(LOG_BACKENDS)}')
+    visualizer = cfg.get('visualizer')
+    if names and visualizer is None:
+        raise ValueError('log_backends needs the `visualizer` of default_runtime.py')
+    backends = list(visualizer.get('vis_backends') or []) if names else []
+    for name in names:
+        if name == 'wandb':
+            import importlib.util
+            if importlib.util.find_spec('wandb') is None:
+                raise ImportError("log_backends=['wandb'] needs the wandb package "
+                                  '(`pip install wandb`; it is not a requirement of mllm)')
+        if not any(b.get('type') == LOG_BACKENDS[name]['type'] for b in backends):
+            backends.append(dict(LOG_BACKENDS[name]))
+    if names:
+        visualizer['vis_backends'] = backends
+
+
 def bind_components(cfg: Config) -> Config:
-    """Fill ``model`` and datasets from the top-level component keys (see module doc)."""
+    """Fill ``model`` and datasets from the top-level component keys (see module doc), and
+    the visualizer from ``log_backends``."""
+    _bind_log_backends(cfg)
     model = cfg.get('model')
     if model is not None:
         for key in MODEL_BINDINGS:

@@ -104,6 +104,8 @@ def _save_part(name: str, child, part_cfg: Optional[dict], out_dir: str) -> Opti
         state = {k: v for k, v in state.items() if not k.startswith('model.')}
     if not state:
         return None
+    if part_cfg is not None and hasattr(child, 'weightless_cfg'):
+        part_cfg.update(child.weightless_cfg())  # its weights are in the safetensors file
     filename = f'{name}.safetensors'
     save_file({k: v.detach().contiguous() for k, v in state.items()},
               os.path.join(out_dir, filename))

@@ -6,7 +6,7 @@ import torch
 from transformers import TextStreamer
 
 from mllm.datasets.collate import llava_collate
-from mllm.datasets.llava import expand_image_placeholder
+from mllm.datasets.llava import expand_image_placeholder, select_boxes
 from mllm.datasets.templates import IGNORE_INDEX, build_generation_prompt
 
 
@@ -63,10 +63,11 @@ def answer_questions(model, dataset, indices: Optional[List[int]] = None,
         for index in indices[start:start + batch_size]:
             item = dataset[index]  # text and images exactly as training sees them
             prompt = item['input_ids'][:last_answer_start(item['labels'], dataset.describe(index))]
-            items.append(dict(input_ids=prompt, pixel_values=item['pixel_values']))
+            items.append(dict(input_ids=prompt, pixel_values=item['pixel_values'],
+                              boxes=item.get('boxes')))
         batch = llava_collate(items, pad_token_id=tokenizer.pad_token_id, padding_side='left')
         new_tokens = model.generate(batch['input_ids'], attention_mask=batch['attention_mask'],
-                                    pixel_values=batch['pixel_values'],
+                                    pixel_values=batch['pixel_values'], boxes=batch.get('boxes'),
                                     max_new_tokens=max_new_tokens, eos_token_id=end_id,
                                     pad_token_id=tokenizer.pad_token_id)
         answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -119,16 +120,20 @@ def load_image(path: str):
 
 
 def prompt_inputs(conversations: List[dict], tokenizer, template, image_processor,
-                  image=None) -> dict:
+                  image=None, box_entry: Optional[dict] = None, max_boxes: int = 100) -> dict:
     """A batch of one for ``model.generate``: the prompt for a conversation ending with a
-    human turn, its image processed as the dataset does, collated as in training."""
-    pixel_values, num_tokens = None, 0
+    human turn, its image (and object boxes, a box-file entry) processed as the dataset
+    does, collated as in training."""
+    pixel_values, num_tokens, boxes = None, 0, None
     if image is not None:
         pixel_values = image_processor(image)
         num_tokens = image_processor.num_visual_tokens(image.size)
+        if box_entry is not None:
+            boxes = select_boxes(box_entry, image.size, image_processor, max_boxes)
+            num_tokens += len(boxes)  # one object token per box, as LLaVADataset counts
         conversations = expand_image_placeholder(conversations, image_processor, image.size)
     ids = build_generation_prompt(conversations, tokenizer, template, num_image_tokens=num_tokens)
-    return llava_collate([dict(input_ids=ids, pixel_values=pixel_values)],
+    return llava_collate([dict(input_ids=ids, pixel_values=pixel_values, boxes=boxes)],
                          pad_token_id=tokenizer.pad_token_id, padding_side='left')
 
 
@@ -160,7 +165,8 @@ def generate_reply(model, tokenizer, template, batch: dict, max_new_tokens: int 
     if stream is not None:
         sampling['streamer'] = StreamWriter(tokenizer, stream)
     new_tokens = model.generate(batch['input_ids'], attention_mask=batch['attention_mask'],
-                                pixel_values=batch['pixel_values'], max_new_tokens=max_new_tokens,
+                                pixel_values=batch['pixel_values'], boxes=batch.get('boxes'),
+                                max_new_tokens=max_new_tokens,
                                 eos_token_id=stop_token_ids(tokenizer, template),
                                 pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(new_tokens[0], skip_special_tokens=True).strip()

@@ -191,3 +191,27 @@ def apply_all(cfg, launcher: str = 'none') -> None:
         zero3_wait_all_gathers()
         deepspeed_model_init_seed()
         deepspeed_checkpoint_loading()
+
+
+def lmms_eval_keep_loglikelihood_pairs() -> None:
+    """lmms-eval 0.7's evaluator passes every model output through
+    ``unwrap_generation_output``, which turns anything but text into ``str(output)``: the
+    ``(logprob, is_greedy)`` pairs of ``loglikelihood`` become strings and every
+    multiple_choice/loglikelihood task fails in ``process_results`` ("too many values to
+    unpack"). Let such pairs through unchanged. Applied by the mllm lmms-eval adapter; a
+    no-op when lmms-eval's evaluator is not loaded or has no such function (< 0.7)."""
+    import sys
+
+    evaluator = sys.modules.get('lmms_eval.evaluator')
+    unwrap = getattr(evaluator, 'unwrap_generation_output', None)
+    if unwrap is None or getattr(unwrap, 'keeps_loglikelihood_pairs', False):
+        return
+
+    def unwrap_generation_output(output):
+        if (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], bool)
+                and isinstance(output[0], (int, float))):
+            return output, None
+        return unwrap(output)
+
+    unwrap_generation_output.keeps_loglikelihood_pairs = True
+    evaluator.unwrap_generation_output = unwrap_generation_output

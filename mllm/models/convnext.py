@@ -180,6 +180,15 @@ class ConvNeXtEncoder(nn.Module):
                 self.stage_channels.append(extra_stage['channels'])
         self.backend = backend
         self.grad_checkpointing = False
+        # what rebuilds this architecture without the pretrained files (exported folders)
+        self._weightless_cfg = dict(
+            pretrained=None, load_weights=False,
+            config=hf_config.to_dict() if hf_config is not None else None)
+
+    def weightless_cfg(self) -> dict:
+        """Config overrides that build the same architecture without reading ``pretrained``
+        (an exported folder stores the weights itself)."""
+        return dict(self._weightless_cfg)
 
     @property
     def out_channels(self) -> int:

@@ -72,13 +72,17 @@ class LLaVAModel(BaseModel):
                 gradient_checkpointing_kwargs={'use_reentrant': False})
             self.vision_encoder.set_grad_checkpointing(True)
 
-    def encode_images(self, pixel_values: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+    def encode_images(self, pixel_values: Union[torch.Tensor, Sequence[torch.Tensor]],
+                      boxes: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """Images -> visual tokens (sum of N_i, C_llm) in image order.
 
         ``pixel_values`` is a (B_img, 3, H, W) batch, or a list of (3, H_i, W_i) images of
         different shapes (keep-aspect resizing, slices); images of one shape are encoded
-        together.
+        together. ``boxes`` (object tokens) is for models that have them (``MGLLaVAModel``).
         """
+        if boxes is not None and any(len(b) for b in boxes):
+            raise ValueError(f'{type(self).__name__} has no object tokens, but the batch has boxes '
+                             '(remove box_file from the dataset, or use MGLLaVAModel)')
         if isinstance(pixel_values, torch.Tensor):
             return self._encode_same_shape(pixel_values).flatten(0, 1)
         by_shape = {}
@@ -113,8 +117,8 @@ class LLaVAModel(BaseModel):
                 self.vision_encoder.num_visual_tokens(unit_size))
 
     def embed_inputs(self, input_ids: torch.Tensor,
-                     pixel_values: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None
-                     ) -> torch.Tensor:
+                     pixel_values: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
+                     boxes: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """Token embeddings with visual features scattered into the image-sentinel slots."""
         image_mask = input_ids == IMAGE_TOKEN_INDEX  # (B, T)
         embed = self.llm.get_input_embeddings()
@@ -131,7 +135,7 @@ class LLaVAModel(BaseModel):
                 inputs_embeds = inputs_embeds + 0 * self.encode_images(
                     self.dummy_pixel_values(inputs_embeds.device)).sum()
             return inputs_embeds
-        feats = self.encode_images(pixel_values)  # (sum N_i, C)
+        feats = self.encode_images(pixel_values, boxes=boxes)  # (sum N_i, C)
         if feats.shape[0] != num_slots:
             raise ValueError(
                 f'image features do not match the image tokens in the text: {len(pixel_values)} '
@@ -143,8 +147,9 @@ class LLaVAModel(BaseModel):
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, mode: str = 'loss',
+                boxes: Optional[Sequence[torch.Tensor]] = None,
                 **unused) -> Dict[str, torch.Tensor]:
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, boxes=boxes)
         if mode == 'loss':
             out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            labels=labels, use_cache=False)
@@ -157,9 +162,10 @@ class LLaVAModel(BaseModel):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  pixel_values: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
+                 boxes: Optional[Sequence[torch.Tensor]] = None,
                  **generate_kwargs) -> torch.Tensor:
         """New token ids (B, <= max_new_tokens); batches must be left-padded."""
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, boxes=boxes)
         generate_kwargs.setdefault('do_sample', False)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                  max_new_tokens=max_new_tokens, **generate_kwargs)

@@ -1,0 +1,2 @@
+# MG-LLaVA pretrain with llama3_8b (template from the LLM base).
+_base_ = ['../_base_/recipes/mgllava_pretrain.py', '../_base_/llms/llama3_8b.py']

@@ -1,0 +1,2 @@
+# MG-LLaVA finetune with phi3_mini (template from the LLM base).
+_base_ = ['../_base_/recipes/mgllava_finetune.py', '../_base_/llms/phi3_mini.py']

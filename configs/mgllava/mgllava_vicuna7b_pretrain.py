@@ -1,0 +1,2 @@
+# MG-LLaVA pretrain with vicuna7b (template from the LLM base).
+_base_ = ['../_base_/recipes/mgllava_pretrain.py', '../_base_/llms/vicuna7b.py']
