@@ -102,9 +102,11 @@ class LLaVAModel(BaseModel):
         return self.projector(self.vision_encoder(pixel_values), grid_size=grid)
 
     def dummy_pixel_values(self, device) -> torch.Tensor:
-        """One blank image (1, 3, S, S) for the vision tower: S is a ViT's native size (so
-        it takes the same path as real images, no position-embedding interpolation) or
-        one output stride of a convolutional encoder (a single token)."""
+        """One blank image (1, 3, S, S) for the vision tower: S is a ViT's native size or
+        one output stride of a convolutional encoder (a single token). It must take the
+        real images' code path: at another size HF's CLIP interpolates its position
+        embedding by reading the weight outside the embedding's forward, which ZeRO-3
+        does not gather (measured: the 2-process run died)."""
         config = getattr(getattr(self.vision_encoder, 'model', None), 'config', None)
         side = (getattr(config, 'image_size', None) or
                 getattr(self.vision_encoder, 'stride', None) or 224)
