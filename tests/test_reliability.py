@@ -253,3 +253,95 @@ def test_bad_sample_policy_threshold_and_default_error(tmp_path, synthetic):
         strict[3]
     with pytest.raises(ValueError, match='bad_sample_policy'):
         LLaVADataset(**kwargs, bad_sample_policy='ignore')
+
+
+# ---------------------------------------------------------------- security basics
+
+def logged_messages(monkeypatch):
+    """The messages ``mllm.engine.patches`` logs from now on (MMEngine's logger may be bound
+    to another test's stdout, so capsys cannot be relied on)."""
+    from mllm.engine import patches
+    messages = []
+    monkeypatch.setattr(patches, 'print_log', lambda msg, **kwargs: messages.append(msg))
+    return messages
+
+
+def test_checkpoints_load_weights_only_first_with_a_logged_fallback(tmp_path, monkeypatch):
+    """Plain tensors load with weights_only=True; a checkpoint holding other objects
+    (runner state) loads only through the explicit, logged weights_only=False fallback,
+    for MMEngine's loader and DeepSpeed's checkpoint engine alike."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from mmengine.config import ConfigDict
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from mllm.engine import patches
+    weights, runner_state = tmp_path / 'weights.pth', tmp_path / 'runner.pth'
+    torch.save({'state_dict': {'w': torch.ones(2)}}, weights)
+    torch.save({'state_dict': {'w': torch.ones(2)}, 'cfg': ConfigDict(a=1)}, runner_state)
+    with pytest.raises(Exception, match='Weights only load failed'):
+        torch.load(runner_state)  # what torch >= 2.6 does unpatched
+
+    patches.patch_checkpoint_loading()
+    patches.deepspeed_checkpoint_loading()
+    messages = logged_messages(monkeypatch)
+    assert torch.equal(CheckpointLoader.load_checkpoint(str(weights))['state_dict']['w'],
+                       torch.ones(2))
+    assert messages == []
+    for load in (CheckpointLoader.load_checkpoint, TorchCheckpointEngine(None).load):
+        assert load(str(runner_state))['cfg'] == ConfigDict(a=1)
+        assert messages.pop().startswith(f'{runner_state} holds non-tensor objects (runner '
+                                         'state); loading it with weights_only=False')
+
+
+def test_remote_code_in_a_checkpoint_does_not_run_unless_the_config_asks(tmp_path):
+    """A checkpoint folder whose config maps to its own Python file: building the LLM or
+    its tokenizer refuses to import it by default."""
+    from mllm.models.llms import HFCausalLM, build_tokenizer
+    folder = tmp_path / 'remote'
+    folder.mkdir()
+    marker = tmp_path / 'ran'
+    (folder / 'evil.py').write_text(f'open({str(marker)!r}, "w").close()\n')
+    (folder / 'config.json').write_text(json.dumps({
+        'model_type': 'evil', 'auto_map': {'AutoConfig': 'evil.EvilConfig',
+                                           'AutoModelForCausalLM': 'evil.EvilModel'}}))
+    (folder / 'tokenizer_config.json').write_text(json.dumps({
+        'auto_map': {'AutoTokenizer': ['evil.EvilTokenizer', None]}}))
+    with pytest.raises(Exception, match='trust_remote_code'):
+        HFCausalLM(pretrained=str(folder), load_weights=False)
+    with pytest.raises(Exception, match='trust_remote_code'):
+        build_tokenizer(dict(pretrained=str(folder)))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('name', ['../outside.png', 'a/../../outside.png', '/etc/passwd'])
+def test_benchmark_image_names_may_not_escape_the_image_folder(tmp_path, name):
+    from mllm.datasets import benchmarks
+    from mllm.datasets.llava import DataError
+    folder = tmp_path / 'images'
+    assert benchmarks._image(str(folder), 'q1/img.png') == str(folder / 'q1' / 'img.png')
+    with pytest.raises(DataError, match='points outside the image folder'):
+        benchmarks._image(str(folder), name)
+
+
+def test_timm_weights_file_loads_weights_only_first(tmp_path, monkeypatch):
+    """ConvNeXtEncoder(backend='timm') loads a local file through timm, which would unpickle
+    it with weights_only=False; a plain state dict now loads without the fallback, a file
+    with other objects only through the logged one."""
+    import timm
+    from mmengine.config import ConfigDict
+
+    from mllm.models.convnext import ConvNeXtEncoder
+    tiny = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+    model = timm.create_model('convnext_atto', **tiny)
+    plain, extra = tmp_path / 'plain.pth', tmp_path / 'extra.pth'
+    torch.save(model.state_dict(), plain)
+    torch.save({'state_dict': model.state_dict(), 'cfg': ConfigDict(a=1)}, extra)
+    messages = logged_messages(monkeypatch)
+    for path, falls_back in ((plain, False), (extra, True)):
+        encoder = ConvNeXtEncoder(backend='timm', model_name='convnext_atto', model_kwargs=tiny,
+                                  pretrained=str(path))
+        assert torch.equal(encoder.stages[3].blocks[0].conv_dw.weight,
+                           model.stages[3].blocks[0].conv_dw.weight)
+        logged = f'{path} holds non-tensor objects; loading it with weights_only=False'
+        assert [m for m in messages if m.startswith(logged)] == ([messages[-1]] if falls_back
+                                                                 else [])

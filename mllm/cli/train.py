@@ -22,20 +22,28 @@ def add_arguments(parser):
                         help=argparse.SUPPRESS)  # set by the torchrun re-launch
 
 
+def _env(*names: str, default) -> str:
+    """The first of ``names`` set in the environment (ours, torchrun's, then Slurm's)."""
+    return next((os.environ[n] for n in names if os.environ.get(n)), str(default))
+
+
 def launch_torchrun(nproc: int) -> int:
-    """Re-run this command under torchrun; multi-node settings come from the environment."""
-    env = os.environ
+    """Re-run this command under torchrun. Multi-node settings come from the environment:
+    NNODES, NODE_RANK, ADDR (or MASTER_ADDR), PORT (or MASTER_PORT); under Slurm, NNODES
+    and NODE_RANK default to SLURM_NNODES and SLURM_NODEID (one `srun` task per node)."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-           f'--nnodes={env.get("NNODES", 1)}', f'--node_rank={env.get("NODE_RANK", 0)}',
-           f'--master_addr={env.get("ADDR", "127.0.0.1")}',
-           f'--master_port={env.get("PORT", 29500)}',
+           f'--nnodes={_env("NNODES", "SLURM_NNODES", default=1)}',
+           f'--node_rank={_env("NODE_RANK", "SLURM_NODEID", default=0)}',
+           f'--master_addr={_env("ADDR", "MASTER_ADDR", default="127.0.0.1")}',
+           f'--master_port={_env("PORT", "MASTER_PORT", default=29500)}',
            '-m', 'mllm', *sys.argv[1:], '--launcher', 'pytorch']
     return subprocess.run(cmd).returncode
 
 
 def run(args) -> int:
     nproc = int(os.environ.get('NPROC_PER_NODE', 1))
-    if nproc > 1 and args.launcher == 'none':
+    nnodes = int(_env('NNODES', 'SLURM_NNODES', default=1))
+    if (nproc > 1 or nnodes > 1) and args.launcher == 'none':
         return launch_torchrun(nproc)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')  # nothing downloads at run time
     from mllm.engine.config import load_config, find_config

@@ -38,7 +38,11 @@ CIRCULAR_OFFSET = 1_000_000  # MMBench: copy k of question i has index i + k * 1
 
 
 def _image(image_folder: Optional[str], name: str) -> str:
-    return name if image_folder is None else os.path.join(image_folder, name)
+    if not image_folder:
+        return name
+    from mllm.datasets.llava import resolve_image_path
+    resolve_image_path(image_folder, name)  # a name may not escape the folder
+    return os.path.join(image_folder, name)
 
 
 def _read_json(path: str):

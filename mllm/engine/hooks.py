@@ -3,7 +3,7 @@ import os
 import shutil
 
 import torch
-from mmengine.dist import barrier, is_main_process
+from mmengine.dist import all_reduce, barrier, get_world_size, is_main_process
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import is_model_wrapper
 
@@ -86,12 +86,16 @@ class AtomicCheckpointHook(CheckpointHook):
     """
 
     def _check_finite(self, runner) -> None:
-        bad = [n for n, p in _unwrap(runner.model).named_parameters()
-               if p.requires_grad and not torch.isfinite(p.detach()).all()]
-        if bad:
-            raise RuntimeError(f'refusing to write a checkpoint: {len(bad)} trainable tensors '
-                               f'hold NaN/inf ({", ".join(bad[:3])}...); the last complete '
-                               f'checkpoint is still {self.last_ckpt or "none"}')
+        # under ZeRO-3 a parameter's data lives in its partition (ds_tensor), one per rank
+        bad = [n for n, p in _unwrap(runner.model).named_parameters() if p.requires_grad and
+               not torch.isfinite(getattr(p, 'ds_tensor', p).detach()).all()]
+        count = torch.tensor([float(len(bad))])
+        all_reduce(count)  # every rank refuses together (none is left waiting in a barrier)
+        if count.item():
+            raise RuntimeError(f'refusing to write a checkpoint: {int(count.item())} trainable '
+                               f'tensors (summed over ranks) hold NaN/inf ({", ".join(bad[:3])}'
+                               f'...); the last complete checkpoint is still '
+                               f'{self.last_ckpt or "none"}')
 
     def _save_checkpoint_with_step(self, runner, step, meta):
         self._check_finite(runner)
@@ -131,6 +135,24 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.remove(path)
+
+
+@HOOKS.register_module()
+class RankMeanLossHook(Hook):
+    """Log the losses averaged over ranks; MMEngine logs rank 0's alone, which is not the
+    loss of the global batch and so not comparable with a single-process run. Added by
+    ``build_runner`` to multi-process runs."""
+
+    priority = 'HIGHEST'  # before RuntimeInfoHook (VERY_HIGH) copies outputs to the hub
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if not outputs or get_world_size() == 1:
+            return
+        keys = [k for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+        values = torch.stack([outputs[k].detach().float().reshape(()) for k in keys])
+        all_reduce(values, op='mean')
+        for key, value in zip(keys, values):
+            outputs[key] = value
 
 
 @HOOKS.register_module()

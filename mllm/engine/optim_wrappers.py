@@ -1,8 +1,9 @@
 """Optimizer wrappers that skip steps with a non-finite loss or gradient norm.
 
 ``patches.skip_nonfinite_steps`` swaps them in for MMEngine's ``OptimWrapper`` /
-``AmpOptimWrapper`` when the config has ``nonfinite_loss=dict(max_consecutive=K)``
-(``default_runtime.py`` sets K=5; ``nonfinite_loss=None`` turns it off).
+``AmpOptimWrapper`` (and ``register_deepspeed_wrapper``'s for ``DeepSpeedOptimWrapper``) when
+the config has ``nonfinite_loss=dict(max_consecutive=K)`` (``default_runtime.py`` sets K=5;
+``nonfinite_loss=None`` turns it off).
 """
 import logging
 import math
@@ -99,3 +100,36 @@ class SkipNonFiniteAmpOptimWrapper(SkipNonFiniteMixin, AmpOptimWrapper):
     gradients are left to its loss scaler, which skips them and lowers the scale."""
 
     check_grad_norm = False
+
+
+def register_deepspeed_wrapper() -> type:
+    """Register (once) and return ``SkipNonFiniteDeepSpeedOptimWrapper``; a function so
+    that DeepSpeed (seconds to import) is imported only by DeepSpeed runs."""
+    if 'SkipNonFiniteDeepSpeedOptimWrapper' in OPTIM_WRAPPERS.module_dict:
+        return OPTIM_WRAPPERS.get('SkipNonFiniteDeepSpeedOptimWrapper')
+    from mmengine.logging import MessageHub
+    from mmengine._strategy.deepspeed import DeepSpeedOptimWrapper
+
+    @OPTIM_WRAPPERS.register_module()
+    class SkipNonFiniteDeepSpeedOptimWrapper(SkipNonFiniteMixin, DeepSpeedOptimWrapper):
+        """``DeepSpeedOptimWrapper`` that drops a micro-batch whose loss is not finite on
+        any rank: every rank skips both the engine's backward and its step (so ZeRO's
+        gradient reduce-scatters stay matched), weights and optimizer state stay as they
+        were. Non-finite gradients behind a finite loss are left to DeepSpeed (its fp16
+        loss scaler skips them; bf16/fp32 do not check)."""
+
+        check_grad_norm = False
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.message_hub = MessageHub.get_current_instance()
+
+        def update_params(self, loss: torch.Tensor, **kwargs) -> None:
+            if not _finite_everywhere(loss):
+                self._bad_value = f'loss {float(loss.detach().float()):g}'
+                self._skip()
+                return
+            self.backward(loss)
+            self.step()
+
+    return SkipNonFiniteDeepSpeedOptimWrapper

@@ -24,6 +24,32 @@ def load_trusted_checkpoint(filename: str, map_location='cpu'):
         return torch.load(filename, map_location=map_location, weights_only=False)
 
 
+def timm_weights_only() -> None:
+    """timm's ``load_pretrained`` reads a local weights file (``pretrained_cfg_overlay=
+    dict(file=...)``, how ``ConvNeXtEncoder(backend='timm')`` loads) with
+    ``load_state_dict(path)``, whose default is ``weights_only=False``. Load it with
+    ``weights_only=True`` first and fall back, logged, only for files that need it."""
+    from timm.models import _builder
+
+    original = _builder.load_state_dict
+    if hasattr(original, 'weights_only_first'):
+        return
+
+    def load_state_dict(checkpoint_path, *args, **kwargs):
+        if 'weights_only' in kwargs:
+            return original(checkpoint_path, *args, **kwargs)
+        try:
+            return original(checkpoint_path, *args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError:
+            print_log(f'{checkpoint_path} holds non-tensor objects; loading it with '
+                      'weights_only=False — only load checkpoints you trust',
+                      logger='current', level=logging.INFO)
+            return original(checkpoint_path, *args, weights_only=False, **kwargs)
+
+    load_state_dict.weights_only_first = original
+    _builder.load_state_dict = load_state_dict
+
+
 def patch_checkpoint_loading() -> None:
     """mmengine 0.10.6 calls ``torch.load`` without ``weights_only``; torch >= 2.6 then
     defaults to ``weights_only=True`` and refuses mmengine's own checkpoints. Route its
@@ -66,17 +92,94 @@ def cpu_distributed(cfg, launcher: str) -> None:
 def skip_nonfinite_steps(cfg) -> None:
     """MMEngine steps the optimizer on a NaN/inf loss and writes NaN weights. With
     ``nonfinite_loss=dict(max_consecutive=K)`` in the config, use the optimizer wrappers
-    of ``mllm.engine.optim_wrappers`` that skip such steps and stop after K in a row.
-    DeepSpeed's wrapper is left alone (not covered yet)."""
+    of ``mllm.engine.optim_wrappers`` that skip such steps and stop after K in a row
+    (``DeepSpeedOptimWrapper`` included: there the loss decides, checked on every rank)."""
     from mllm.engine import optim_wrappers  # registers the wrappers
 
     options, optim = cfg.get('nonfinite_loss'), cfg.get('optim_wrapper')
     swaps = {'OptimWrapper': optim_wrappers.SkipNonFiniteOptimWrapper.__name__,
-             'AmpOptimWrapper': optim_wrappers.SkipNonFiniteAmpOptimWrapper.__name__}
+             'AmpOptimWrapper': optim_wrappers.SkipNonFiniteAmpOptimWrapper.__name__,
+             'DeepSpeedOptimWrapper': 'SkipNonFiniteDeepSpeedOptimWrapper'}
     if not options or not optim or optim.get('type', 'OptimWrapper') not in swaps:
         return
+    if optim.get('type') == 'DeepSpeedOptimWrapper':
+        optim_wrappers.register_deepspeed_wrapper()  # imports DeepSpeed (seconds): only here
     optim['type'] = 'mllm.' + swaps[optim.get('type', 'OptimWrapper')]
     optim['max_consecutive'] = options.get('max_consecutive', 5)
+
+
+def zero3_wait_all_gathers() -> None:
+    """deepspeed < 0.19.8 (fixed upstream by deepspeedai/DeepSpeed#8539): ZeRO-3's
+    ``Init._allgather_params_coalesced`` launches one async all-gather per parameter and
+    waits only on the last handle. NCCL runs them in order on one stream, so that suffices
+    on GPUs; gloo runs each on its own worker thread, so parameters are read before their
+    gather is done: nondeterministic losses, NaN. This is the path of every parameter below
+    ``stage3_param_persistence_threshold`` (re-gathered after each optimizer step). Wrap it
+    so every handle it launches is waited on before it returns."""
+    import deepspeed
+    from deepspeed import comm
+    from deepspeed.runtime.zero.partition_parameters import Init
+    from packaging.version import Version
+
+    original = Init._allgather_params_coalesced
+    if Version(deepspeed.__version__) >= Version('0.19.8') or hasattr(original, 'waits_all'):
+        return
+
+    def recording(launch, handles):
+        def launch_and_record(*args, **kwargs):
+            handle = launch(*args, **kwargs)
+            if handle is not None:
+                handles.append(handle)
+            return handle
+        return launch_and_record
+
+    def allgather_params_coalesced(self, *args, **kwargs):
+        handles = []
+        launchers = comm.all_gather_into_tensor, comm.all_gather
+        # partition_parameters calls them as attributes of deepspeed.comm at call time
+        comm.all_gather_into_tensor, comm.all_gather = (recording(f, handles) for f in launchers)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            comm.all_gather_into_tensor, comm.all_gather = launchers
+            for handle in handles:
+                handle.wait()
+
+    allgather_params_coalesced.waits_all = original
+    Init._allgather_params_coalesced = allgather_params_coalesced
+
+
+def deepspeed_model_init_seed() -> None:
+    """MMEngine's ``Runner`` builds the model right after seeding; ``FlexibleRunner`` builds
+    it in ``train()``, after the data loaders, from a used random state, so the same seed
+    gave other initial weights under DeepSpeed than in a single-process run. Re-seed just
+    before the strategy builds the model, as ``Runner`` is then."""
+    from mmengine._strategy.deepspeed import DeepSpeedStrategy
+
+    original = DeepSpeedStrategy.build_model
+    if hasattr(original, 'reseeds'):
+        return
+
+    def build_model(self, model):
+        if isinstance(model, dict) and self._randomness.get('seed') is not None:
+            self._set_randomness(**self._randomness)  # the configured seed, applied again
+        return original(self, model)
+
+    build_model.reseeds = original
+    DeepSpeedStrategy.build_model = build_model
+
+
+def deepspeed_checkpoint_loading() -> None:
+    """DeepSpeed's ``TorchCheckpointEngine.load`` unpickles every checkpoint file with
+    ``weights_only=False``, silently. Load through ``load_trusted_checkpoint`` instead:
+    ``weights_only=True`` first, a logged fallback for files that hold runner state."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import \
+        TorchCheckpointEngine
+
+    def load(self, path: str, map_location=None):
+        return load_trusted_checkpoint(path, map_location=map_location)
+
+    TorchCheckpointEngine.load = load
 
 
 def apply_all(cfg, launcher: str = 'none') -> None:
@@ -84,6 +187,10 @@ def apply_all(cfg, launcher: str = 'none') -> None:
     cpu_optim_wrapper(cfg)
     cpu_distributed(cfg, launcher)
     skip_nonfinite_steps(cfg)
+    if (cfg.get('strategy') or {}).get('type') == 'DeepSpeedStrategy':
+        zero3_wait_all_gathers()
+        deepspeed_model_init_seed()
+        deepspeed_checkpoint_loading()
 
 
 def lmms_eval_keep_loglikelihood_pairs() -> None:

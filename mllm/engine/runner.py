@@ -1,9 +1,12 @@
 """From a loaded config to a running MMEngine runner (XTuner's loop, DeepSpeed optional)."""
 import json
+import logging
 import os
 from typing import Optional
 
+import torch
 from mmengine.config import Config
+from mmengine.logging import print_log
 
 from mllm.engine import patches
 
@@ -23,6 +26,32 @@ def resolve_deepspeed(name_or_path: str) -> str:
     return path
 
 
+def resolve_precision(ds_config: dict, path: str) -> str:
+    """Resolve ``"enabled": "auto"`` of the ``bf16`` / ``fp16`` sections (XTuner's JSONs)
+    and return the precision the run uses.
+
+    With CUDA, "auto" means bf16 where the GPU supports it, else fp16 (XTuner's rule).
+    Without CUDA, DeepSpeed's CPU accelerator supports bf16 and fp32 but not fp16: "auto"
+    and fp16 become fp32 (logged), as ``patches.cpu_optim_wrapper`` does for AMP, so a CPU
+    run trains in the precision of a single-process CPU run; an explicit bf16 is kept.
+    """
+    cuda = torch.cuda.is_available()
+    auto_dtype = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else None
+    for key in ('bf16', 'fp16'):
+        section = ds_config.get(key)
+        if isinstance(section, dict) and section.get('enabled') == 'auto':
+            section['enabled'] = key == auto_dtype
+    fp16 = ds_config.get('fp16') or {}
+    if fp16.get('enabled') and not cuda:
+        fp16['enabled'] = False
+        print_log(f'{path}: fp16 needs CUDA (DeepSpeed on CPU supports bf16 and fp32); '
+                  'training in fp32', logger='current', level=logging.WARNING)
+    bf16 = ds_config.get('bf16') or {}
+    if bf16.get('enabled') and fp16.get('enabled'):
+        fp16['enabled'] = False  # XTuner's rule: both on means bf16
+    return 'bf16' if bf16.get('enabled') else 'fp16' if fp16.get('enabled') else 'fp32'
+
+
 def use_deepspeed(cfg: Config, name_or_path: str) -> None:
     """Switch the config to MMEngine's FlexibleRunner + DeepSpeedStrategy (as xtuner does)."""
     path = resolve_deepspeed(name_or_path)
@@ -37,6 +66,7 @@ def use_deepspeed(cfg: Config, name_or_path: str) -> None:
     for key, value in resolved.items():
         if ds_config.get(key) == 'auto':
             ds_config[key] = value
+    precision = resolve_precision(ds_config, path)
     unresolved = [k for k, v in ds_config.items() if v == 'auto']
     if unresolved:
         raise ValueError(f'{path}: cannot resolve "auto" for {unresolved}')
@@ -44,6 +74,10 @@ def use_deepspeed(cfg: Config, name_or_path: str) -> None:
                         exclude_frozen_parameters=True)
     cfg.optim_wrapper = dict(type='DeepSpeedOptimWrapper', optimizer=optim['optimizer'])
     cfg.runner_type = 'FlexibleRunner'
+    stage = ds_config.get('zero_optimization', {}).get('stage', 0)
+    print_log(f'DeepSpeed {os.path.basename(path)}: ZeRO-{stage}, {precision}, micro-batch '
+              f'{ds_config["train_micro_batch_size_per_gpu"]} per process, accumulation '
+              f'{ds_config["gradient_accumulation_steps"]}', logger='current', level=logging.INFO)
 
 
 def build_runner(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'none',
@@ -63,6 +97,8 @@ def build_runner(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'n
     cfg.launcher = launcher
     if deepspeed:
         use_deepspeed(cfg, deepspeed)
+    if launcher != 'none':  # log the mean loss over ranks, not rank 0's
+        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type='RankMeanLossHook')]
     patches.apply_all(cfg, launcher)
     if cfg.get('runner_type') == 'FlexibleRunner':
         from mmengine.runner import FlexibleRunner

@@ -72,6 +72,9 @@ def _hf_trunk(pretrained: Optional[str], config: Optional[dict], load_weights: b
 def _timm_trunk(model_name: str, pretrained: Optional[str], load_weights: bool, kwargs: dict):
     """(stem, stages) of a timm ConvNeXt; ``pretrained`` is a local weights file."""
     import timm
+
+    from mllm.engine.patches import timm_weights_only
+    timm_weights_only()  # timm would unpickle the file with weights_only=False
     load = pretrained is not None and load_weights
     # timm drops the classifier of a checkpoint when num_classes differs (here: no head)
     overlay = dict(pretrained_cfg_overlay=dict(file=pretrained)) if load else {}

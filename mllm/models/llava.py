@@ -7,6 +7,7 @@ mask plus ``masked_scatter``.
 from typing import Dict, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from mmengine.model import BaseModel
 
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -104,6 +105,17 @@ class LLaVAModel(BaseModel):
         grid = feature_grid(pixel_values.shape[:-3:-1]) if feature_grid else None  # (W, H) in
         return self.projector(self.vision_encoder(pixel_values), grid_size=grid)
 
+    def dummy_pixel_values(self, device) -> torch.Tensor:
+        """One blank image (1, 3, S, S) for the vision tower: S is a ViT's native size or
+        one output stride of a convolutional encoder (a single token). It must take the
+        real images' code path: at another size HF's CLIP interpolates its position
+        embedding by reading the weight outside the embedding's forward, which ZeRO-3
+        does not gather (measured: the 2-process run died)."""
+        config = getattr(getattr(self.vision_encoder, 'model', None), 'config', None)
+        side = (getattr(config, 'image_size', None) or
+                getattr(self.vision_encoder, 'stride', None) or 224)
+        return torch.zeros(1, 3, side, side, device=device)
+
     def num_visual_tokens(self, unit_size) -> int:
         """Tokens the LLM sees for one image tensor of ``unit_size`` = (W, H): a resampler's
         query count, else the encoder's token count."""
@@ -121,6 +133,13 @@ class LLaVAModel(BaseModel):
         if pixel_values is None or len(pixel_values) == 0:
             if num_slots:
                 raise ValueError(f'the batch has {num_slots} image-token slots but no images')
+            if self.training and dist.is_initialized() and dist.get_world_size() > 1:
+                # ranks whose batch has images run the vision tower: ZeRO-3 gathers its
+                # weights and every rank reduces its gradients, so a text-only rank must run
+                # it too or the collectives no longer pair up (a hang). One blank image,
+                # added with weight 0: the loss and the gradients are unchanged.
+                inputs_embeds = inputs_embeds + 0 * self.encode_images(
+                    self.dummy_pixel_values(inputs_embeds.device)).sum()
             return inputs_embeds
         feats = self.encode_images(pixel_values, boxes=boxes)  # (sum N_i, C)
         if feats.shape[0] != num_slots:
