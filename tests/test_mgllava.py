@@ -337,3 +337,14 @@ def test_chat_prompt_with_boxes_is_the_training_encoding(synthetic):
     assert torch.equal(batch['input_ids'][0], item['input_ids'][:start])
     assert torch.equal(batch['boxes'][0], item['boxes']) and len(item['boxes']) >= 1
     assert torch.equal(batch['pixel_values'][0], item['pixel_values'])
+
+
+def test_dummy_image_gives_the_vit_its_native_size():
+    """Text-only ranks run the vision path on a blank image (ZeRO-3 / DDP); for MG-LLaVA its
+    CLIP input must be the ViT's native size (no position-embedding interpolation)."""
+    model = MODELS.build(tiny_mg_cfg())
+    dummy = model.dummy_pixel_values('cpu')
+    assert dummy.shape == (1, 3, 128, 128)
+    assert model.low_res_size(dummy.shape[-2:]) == (32, 32) == (
+        model.vision_encoder.model.config.image_size,) * 2
+    assert model.encode_images(dummy).shape == (16, TINY_LLM_CONFIG['hidden_size'])

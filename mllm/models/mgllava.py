@@ -77,9 +77,12 @@ class MGLLaVAModel(LLaVAModel):
         return self.high_res_encoder.num_visual_tokens(unit_size)
 
     def dummy_pixel_values(self, device) -> torch.Tensor:
-        """A blank image of one ConvNeXt stride (one grid token) for ranks whose batch has no
-        image: both branches, the fusion and the bbox projector still run (ZeRO-3, DDP)."""
-        side = self.high_res_encoder.stride
+        """A blank image for ranks whose batch has no image, so both branches, the fusion and
+        the bbox projector still run (ZeRO-3, DDP). Its size makes the CLIP input the ViT's
+        native size (768 px for 336 / 14 x 32): any other size interpolates the position
+        embedding, which reads the weight outside the module call ZeRO-3 gathers it for."""
+        config = self.vision_encoder.model.config
+        side = config.image_size // config.patch_size * self.high_res_encoder.stride
         return torch.zeros(1, 3, side, side, device=device)
 
     def low_res_size(self, high_res_size) -> tuple:
