@@ -9,8 +9,10 @@ default_hooks = dict(
     checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False, interval=500, max_keep_ckpts=2),
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )
-# checkpoints hold only the trainable tensors; tokens/s, samples/s (TFLOPs on GPU) are logged
-custom_hooks = [dict(type='TrainableCheckpointHook'), dict(type='ThroughputHook')]
+# checkpoints hold only the trainable tensors, plus the RNG states that resuming restores;
+# tokens/s, samples/s (TFLOPs on GPU) are logged
+custom_hooks = [dict(type='TrainableCheckpointHook'), dict(type='RNGStateHook'),
+                dict(type='ThroughputHook')]
 # skip an optimizer step whose loss or gradient norm is NaN/inf (weights unchanged, logged);
 # stop after this many in a row. None turns it off (mllm.engine.optim_wrappers)
 nonfinite_loss = dict(max_consecutive=5)

@@ -55,6 +55,40 @@ class TrainableCheckpointHook(Hook):
             state.setdefault(key, value)
 
 
+@HOOKS.register_module()
+class RNGStateHook(Hook):
+    """Checkpoints carry the Python, NumPy and torch (CPU and CUDA) RNG states; resuming
+    restores them, so dropout and any other random op continue the interrupted run's
+    sequence instead of restarting from the seed (bit-exact resume with dropout).
+
+    ``load_from`` (a new stage) keeps its own seeded state. Saved from the process that
+    writes the checkpoint (rank 0): MMEngine seeds every rank alike unless
+    ``randomness.diff_rank_seed`` is set.
+    """
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        import random
+
+        import numpy as np
+        checkpoint['rng_state'] = dict(
+            python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        import random
+
+        import numpy as np
+        state = checkpoint.get('rng_state')
+        if state is None or not getattr(runner, '_resume', False):
+            return
+        random.setstate(state['python'])
+        np.random.set_state(state['numpy'])
+        torch.set_rng_state(state['torch'])
+        if state.get('cuda') is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state['cuda'])
+        runner.logger.info('resumed the RNG states of the checkpoint')
+
+
 def _fsync_tree(path: str) -> None:
     """Flush a checkpoint file, or every file of a DeepSpeed checkpoint folder, to disk."""
     files = [path] if os.path.isfile(path) else [

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Iterator, Sized
 
+import torch
 from mmengine.logging import print_log
 from mmengine.runner.loops import _InfiniteDataloaderIterator
 from torch.utils.data import DataLoader, Sampler
@@ -76,6 +77,16 @@ class TrainLoop(XTunerTrainLoop):
     train_cfg.max_iters=20`` turns a recipe into a smoke run. On resume it jumps to the
     data position (module doc) instead of replaying the finished iterations.
     """
+
+    def __init__(self, runner, dataloader, *args, **kwargs):
+        super().__init__(runner, dataloader, *args, **kwargs)
+        loader = self.dataloader
+        if isinstance(loader, DataLoader) and loader.generator is None:
+            # every new DataLoader iterator (each epoch, a resume's seek) draws its workers'
+            # base seed from the global torch RNG, the stream dropout uses; its own generator
+            # keeps those draws out, so RNGStateHook's restored state continues the
+            # interrupted run's stream exactly
+            loader.generator = torch.Generator().manual_seed(runner.seed)
 
     def run(self):
         """MMEngine's ``IterBasedTrainLoop.run`` with ``seek_dataloader`` for the replay."""
