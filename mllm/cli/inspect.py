@@ -36,16 +36,24 @@ def _without_weights(component: dict) -> dict:
     return component
 
 
-def inspect_config(cfg, image_size=None) -> dict:
-    """The report of ``mllm inspect`` for a loaded (bound) config."""
-    from mllm.registry import MODELS, TRANSFORMS
+def build_on_meta(cfg):
+    """The config's model on the meta device, without reading any weights (seconds, even
+    for 34B)."""
+    from mllm.registry import MODELS
 
     model_cfg = cfg.model.copy()
     for key in ('llm', 'vision_encoder', 'high_res_encoder'):
         if key in model_cfg:
             model_cfg[key] = _without_weights(model_cfg[key])
     with torch.device('meta'):
-        model = MODELS.build(model_cfg)
+        return MODELS.build(model_cfg)
+
+
+def inspect_config(cfg, image_size=None) -> dict:
+    """The report of ``mllm inspect`` for a loaded (bound) config."""
+    from mllm.registry import TRANSFORMS
+
+    model = build_on_meta(cfg)
     params = {}
     for name, child in model.named_children():
         # LoRA adapters are their own component so `llm` stays the published size

@@ -765,15 +765,10 @@ def recipe_flops(cfg, stage: str = 'finetune', text_tokens: Optional[int] = None
     from torch.utils.flop_counter import FlopCounterMode
 
     import mllm.models  # noqa: F401
-    from mllm.cli.inspect import _without_weights
-    from mllm.registry import MODELS, TRANSFORMS
+    from mllm.cli.inspect import build_on_meta
+    from mllm.registry import TRANSFORMS
 
-    model_cfg = cfg.model.copy()
-    for key in ('llm', 'vision_encoder', 'high_res_encoder'):
-        if key in model_cfg:
-            model_cfg[key] = _without_weights(model_cfg[key])
-    with torch.device('meta'):
-        model = MODELS.build(model_cfg)
+    model = build_on_meta(cfg)
     processor = TRANSFORMS.build(cfg.image_processor)
     side = processor.size
     boxes = boxes_per_image if hasattr(model, 'high_res_encoder') else 0

@@ -2,13 +2,8 @@
 # bilinearly downsampled to 336 px (24x24 = 576 patch tokens, width 1024, layer -2); open_clip's
 # CLIP-ConvNeXt-Large-d-320 sees it at 768 px (stride 32 -> the same 24x24 grid, width 1536,
 # stage maps 192 + 384 + 768 + 1536 = 2880 channels for the object tokens).
-vision_encoder = dict(
-    type='CLIPVisionEncoder',
-    pretrained='openai/clip-vit-large-patch14-336',
-    config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-    select_layer=-2,
-)
+_base_ = ['./clip_vit_l_336.py']  # vision_encoder: the low-resolution branch
+
 # `pretrained`: a local open_clip weights file of convnext_large_d_320 (e.g. the
 # open_clip_pytorch_model.bin of laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup);
 # None builds the architecture with random weights.
@@ -20,4 +15,4 @@ high_res_encoder = dict(
 )
 # the image tensor is the high-resolution one: pad to square (CLIP mean colour), resize to 768;
 # 768 / 32 = 24 -> 576 grid tokens per image, plus one token per box
-image_processor = dict(type='LLaVAImageProcessor', size=768, token_stride=32)
+image_processor = dict(size=768, token_stride=32)
