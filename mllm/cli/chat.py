@@ -44,23 +44,19 @@ def _questions(args):
 
 def read_box_entry(path: str, image_path: str) -> dict:
     """The boxes of ``image_path`` from a box file, or a file holding a single entry."""
-    import json
     import os
 
-    from mllm.datasets.boxes import BoxFileError, entry_error, load_box_file
+    from mllm.datasets.boxes import BoxFileError, box_entries, entry_error, read_box_json
 
     try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'--boxes: file not found: {path}') from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f'--boxes: {path} is not valid JSON ({err})') from None
-    if isinstance(data, dict) and 'boxes' in data:  # a single entry
-        if (error := entry_error(data)):
-            raise BoxFileError(f'--boxes: {path}: {error}')
-        return data
-    entries = load_box_file(path)
+        data = read_box_json(path)  # read once: a box file can be large
+        if isinstance(data, dict) and 'boxes' in data:  # a single entry
+            if (error := entry_error(data)):
+                raise BoxFileError(f'{path}: {error}')
+            return data
+        entries = box_entries(data, path)
+    except BoxFileError as err:
+        raise BoxFileError(f'--boxes: {err}') from None
     # keys are relative to an image folder: match the longest key the image path ends with
     image_path = os.path.abspath(image_path).replace(os.sep, '/')
     matches = [k for k in entries if image_path == k or image_path.endswith('/' + k.lstrip('/'))]

@@ -66,24 +66,21 @@ def _no_duplicate_keys(pairs):
     return result
 
 
-def load_box_file(path: str) -> Dict[str, dict]:
-    """Read and validate a box file.
-
-    Returns ``{image_path: {'boxes': [[x1, y1, x2, y2] floats], 'labels': [str],
-    'scores': [float] or None}}``. Raises ``BoxFileError`` naming the file and key for
-    malformed content: not JSON, not an object, duplicate keys, wrong types, lengths of
-    boxes/labels/scores that differ, boxes without 4 numbers, non-finite numbers.
-    Geometry (degenerate or out-of-image boxes) is ``box_problems``'s business.
-    """
+def read_box_json(path: str):
+    """A box file's parsed JSON (duplicate keys refused), with errors naming the file."""
     try:
         with open(path, encoding='utf-8') as f:
-            data = json.load(f, object_pairs_hook=_no_duplicate_keys)
+            return json.load(f, object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise BoxFileError(f'{path}: box file not found') from None
     except BoxFileError as err:
         raise BoxFileError(f'{path}: {err}') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BoxFileError(f'{path}: not valid JSON ({err})') from None
+
+
+def box_entries(data, path: str) -> Dict[str, dict]:
+    """Validated, normalised entries of a box file's parsed JSON (see ``load_box_file``)."""
     if not isinstance(data, dict):
         raise BoxFileError(f'{path}: must be a JSON object keyed by image path, '
                            f'got a {type(data).__name__}')
@@ -99,6 +96,18 @@ def load_box_file(path: str) -> Dict[str, dict]:
                             labels=list(entry['labels']),
                             scores=None if scores is None else [float(s) for s in scores])
     return entries
+
+
+def load_box_file(path: str) -> Dict[str, dict]:
+    """Read and validate a box file.
+
+    Returns ``{image_path: {'boxes': [[x1, y1, x2, y2] floats], 'labels': [str],
+    'scores': [float] or None}}``. Raises ``BoxFileError`` naming the file and key for
+    malformed content: not JSON, not an object, duplicate keys, wrong types, lengths of
+    boxes/labels/scores that differ, boxes without 4 numbers, non-finite numbers.
+    Geometry (degenerate or out-of-image boxes) is ``box_problems``'s business.
+    """
+    return box_entries(read_box_json(path), path)
 
 
 def write_box_file(path: str, entries: Dict[str, dict]) -> None:
