@@ -119,6 +119,20 @@ def select_boxes(entry: dict, image_size, image_processor, max_boxes: int) -> to
     return image_processor.map_boxes(boxes[order], image_size)
 
 
+def image_inputs(image, image_processor, box_entry: Optional[dict] = None,
+                 max_boxes: int = 100) -> Tuple[torch.Tensor, int, Optional[torch.Tensor]]:
+    """One image as the model takes it, for training and chat alike: ``(pixel_values,
+    number of image-token slots, boxes)``; with a box-file entry each kept box adds one
+    slot after the grid tokens, else ``boxes`` is None."""
+    pixel_values = image_processor(image)
+    num_tokens = image_processor.num_visual_tokens(image.size)
+    boxes = None
+    if box_entry is not None:
+        boxes = select_boxes(box_entry, image.size, image_processor, max_boxes)
+        num_tokens += len(boxes)
+    return pixel_values, num_tokens, boxes
+
+
 @DATASETS.register_module()
 class LLaVADataset(Dataset):
     """LLaVA JSON/JSONL conversations with images, encoded as training sees them.
@@ -266,13 +280,12 @@ class LLaVADataset(Dataset):
         boxes = None
         if sample.get('image'):
             image = self.image_processor.blank() if self.blank_images else self.load_image(index)
-            pixel_values = self.image_processor(image)
-            num_image_tokens = self.image_processor.num_visual_tokens(image.size)
+            box_entry = None
             if self.box_entries is not None:
                 # a blank image has no objects: the blind baseline sees no boxes either
-                boxes = (torch.zeros(0, 4) if self.blank_images
-                         else self.image_boxes(index, image.size))
-                num_image_tokens += len(boxes)  # one object token per box, after the grid
+                box_entry = dict(boxes=[]) if self.blank_images else self.box_entry(index)
+            pixel_values, num_image_tokens, boxes = image_inputs(
+                image, self.image_processor, box_entry, self.max_boxes)
             conversations = expand_image_placeholder(conversations, self.image_processor, image.size)
         try:
             encoded = encode_conversation(conversations, self.tokenizer, self.template,

@@ -6,7 +6,7 @@ import torch
 from transformers import TextStreamer
 
 from mllm.datasets.collate import llava_collate
-from mllm.datasets.llava import expand_image_placeholder, select_boxes
+from mllm.datasets.llava import expand_image_placeholder, image_inputs
 from mllm.datasets.templates import IGNORE_INDEX, build_generation_prompt
 
 
@@ -126,11 +126,8 @@ def prompt_inputs(conversations: List[dict], tokenizer, template, image_processo
     does, collated as in training."""
     pixel_values, num_tokens, boxes = None, 0, None
     if image is not None:
-        pixel_values = image_processor(image)
-        num_tokens = image_processor.num_visual_tokens(image.size)
-        if box_entry is not None:
-            boxes = select_boxes(box_entry, image.size, image_processor, max_boxes)
-            num_tokens += len(boxes)  # one object token per box, as LLaVADataset counts
+        pixel_values, num_tokens, boxes = image_inputs(image, image_processor, box_entry,
+                                                       max_boxes)
         conversations = expand_image_placeholder(conversations, image_processor, image.size)
     ids = build_generation_prompt(conversations, tokenizer, template, num_image_tokens=num_tokens)
     return llava_collate([dict(input_ids=ids, pixel_values=pixel_values, boxes=boxes)],
