@@ -82,25 +82,32 @@ class LLaVAModel(BaseModel):
 
         ``pixel_values`` is a (B_img, 3, H, W) batch, or a list of (3, H_i, W_i) images of
         different shapes (keep-aspect resizing, slices); images of one shape are encoded
-        together. ``boxes`` (object tokens) is for models that have them (``MGLLaVAModel``).
+        together by ``_encode_same_shape``. ``boxes`` (one (n_i, 4) tensor per image) is for
+        models with object tokens (``MGLLaVAModel``).
         """
-        if boxes is not None and any(len(b) for b in boxes):
-            raise ValueError(f'{type(self).__name__} has no object tokens, but the batch has boxes '
-                             '(remove box_file from the dataset, or use MGLLaVAModel)')
+        if boxes is not None and len(boxes) != len(pixel_values):
+            raise ValueError(f'{len(pixel_values)} images but {len(boxes)} box lists')
         if isinstance(pixel_values, torch.Tensor):
-            return self._encode_same_shape(pixel_values).flatten(0, 1)
+            feats = self._encode_same_shape(pixel_values, boxes)
+            # a (B, N, C) tensor when every image has N tokens, else one tensor per image
+            return feats.flatten(0, 1) if isinstance(feats, torch.Tensor) else torch.cat(feats)
         by_shape = {}
         for i, image in enumerate(pixel_values):
             by_shape.setdefault(tuple(image.shape), []).append(i)
         per_image = [None] * len(pixel_values)
         for indices in by_shape.values():
-            feats = self._encode_same_shape(torch.stack([pixel_values[i] for i in indices]))
+            feats = self._encode_same_shape(torch.stack([pixel_values[i] for i in indices]),
+                                            None if boxes is None else [boxes[i] for i in indices])
             for i, f in zip(indices, feats):
                 per_image[i] = f
         return torch.cat(per_image)
 
-    def _encode_same_shape(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _encode_same_shape(self, pixel_values: torch.Tensor,
+                           boxes: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, C_llm); the projector gets the feature grid (h, w)."""
+        if boxes is not None and any(len(b) for b in boxes):
+            raise ValueError(f'{type(self).__name__} has no object tokens, but the batch has boxes '
+                             '(remove box_file from the dataset, or use MGLLaVAModel)')
         feature_grid = getattr(self.vision_encoder, 'feature_grid', None)
         grid = feature_grid(pixel_values.shape[:-3:-1]) if feature_grid else None  # (W, H) in
         return self.projector(self.vision_encoder(pixel_values), grid_size=grid)

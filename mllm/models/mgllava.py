@@ -4,7 +4,7 @@ plus object tokens pooled from the ConvNeXt's stage maps.
 Per image the LLM sees ``[fused grid tokens][one token per box]`` in the slots of its
 ``<image>`` placeholder; the dataset reserves ``grid tokens + number of boxes`` slots.
 """
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,31 +90,12 @@ class MGLLaVAModel(LLaVAModel):
         stride, patch = self.high_res_encoder.stride, self.vision_encoder.patch_size
         return tuple(-(-side // stride) * patch for side in high_res_size)
 
-    def encode_images(self, pixel_values: Union[torch.Tensor, Sequence[torch.Tensor]],
-                      boxes: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-        """Images (+ their boxes, xyxy pixels of the image tensor) -> visual tokens
-        (sum of N_i + n_i, C_llm), per image its grid tokens then its box tokens."""
-        num_images = len(pixel_values)
-        if boxes is None:
-            boxes = [torch.zeros(0, 4) for _ in range(num_images)]
-        if len(boxes) != num_images:
-            raise ValueError(f'{num_images} images but {len(boxes)} box lists')
-        if isinstance(pixel_values, torch.Tensor):
-            return torch.cat(self._encode_same_shape(pixel_values, list(boxes)))
-        by_shape = {}
-        for i, image in enumerate(pixel_values):
-            by_shape.setdefault(tuple(image.shape), []).append(i)
-        per_image: List[torch.Tensor] = [None] * num_images
-        for indices in by_shape.values():
-            tokens = self._encode_same_shape(torch.stack([pixel_values[i] for i in indices]),
-                                             [boxes[i] for i in indices])
-            for i, t in zip(indices, tokens):
-                per_image[i] = t
-        return torch.cat(per_image)
-
     def _encode_same_shape(self, pixel_values: torch.Tensor,
-                           boxes: List[torch.Tensor]) -> List[torch.Tensor]:
-        """(B, 3, H, W) + B box tensors -> B tensors (N + n_i, C_llm)."""
+                           boxes: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """(B, 3, H, W) + B box tensors (xyxy pixels of the image tensor; None: no boxes) ->
+        B tensors (N + n_i, C_llm): per image its grid tokens, then its box tokens."""
+        if boxes is None:
+            boxes = [torch.zeros(0, 4) for _ in range(len(pixel_values))]
         low_pixels = F.interpolate(pixel_values, size=self.low_res_size(pixel_values.shape[-2:]),
                                    mode='bilinear', align_corners=False)
         low = self.vision_encoder(low_pixels)  # (B, N, Cl)
