@@ -64,23 +64,24 @@ LOG_BACKENDS = {
 
 def _bind_log_backends(cfg: Config) -> None:
     names = cfg.get('log_backends') or []
+    if not names:
+        return
     unknown = [n for n in names if n not in LOG_BACKENDS]
     if unknown:
         raise ValueError(f'log_backends: unknown {unknown}; choose from {sorted(LOG_BACKENDS)}')
     visualizer = cfg.get('visualizer')
-    if names and visualizer is None:
+    if visualizer is None:
         raise ValueError('log_backends needs the `visualizer` of default_runtime.py')
-    backends = list(visualizer.get('vis_backends') or []) if names else []
+    if 'wandb' in names:
+        import importlib.util
+        if importlib.util.find_spec('wandb') is None:
+            raise ImportError("log_backends=['wandb'] needs the wandb package "
+                              '(`pip install wandb`; it is not a requirement of mllm)')
+    backends = list(visualizer.get('vis_backends') or [])
     for name in names:
-        if name == 'wandb':
-            import importlib.util
-            if importlib.util.find_spec('wandb') is None:
-                raise ImportError("log_backends=['wandb'] needs the wandb package "
-                                  '(`pip install wandb`; it is not a requirement of mllm)')
         if not any(b.get('type') == LOG_BACKENDS[name]['type'] for b in backends):
             backends.append(dict(LOG_BACKENDS[name]))
-    if names:
-        visualizer['vis_backends'] = backends
+    visualizer['vis_backends'] = backends
 
 
 def bind_components(cfg: Config) -> Config:
