@@ -21,3 +21,31 @@ def swap_config(tmp_path, recipe, llm):
     path.write_text(f"_base_ = ['{CONFIG_ROOT}/_base_/recipes/{recipe}.py', "
                     f"'{CONFIG_ROOT}/_base_/llms/{llm}.py']\n")
     return str(path)
+
+
+# A plugin module (written to a file, imported with `custom_imports`) registering a test-only
+# model whose loss is NaN on the given 1-based training steps, on every rank or on `nan_rank`.
+NAN_MODEL = '''
+import os
+
+from mllm.models.llava import LLaVAModel
+from mllm.registry import MODELS
+
+
+@MODELS.register_module()
+class NaNOnStepsLLaVA(LLaVAModel):
+    """Test-only: the loss is NaN on the given (1-based) training steps."""
+
+    def __init__(self, nan_steps=(), nan_rank=None, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_steps, self.nan_rank, self.calls = set(nan_steps), nan_rank, 0
+
+    def forward(self, *args, mode='loss', **kwargs):
+        out = super().forward(*args, mode=mode, **kwargs)
+        if mode == 'loss':
+            self.calls += 1
+            on_rank = self.nan_rank is None or os.environ.get('RANK') == str(self.nan_rank)
+            if self.calls in self.nan_steps and on_rank:
+                out['loss'] = out['loss'] * float('nan')
+        return out
+'''

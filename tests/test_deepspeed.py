@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from helpers import losses
+from helpers import NAN_MODEL, losses
 from test_reliability import TINY, train
 
 TWO = {'NPROC_PER_NODE': '2'}
@@ -289,36 +289,12 @@ def test_two_process_zero_matches_single_process(stage, tmp_path, synthetic,
 
 # ---------------------------------------------------------------- non-finite loss
 
-NAN_ON_RANK = '''
-import os
-
-from mllm.models.llava import LLaVAModel
-from mllm.registry import MODELS
-
-
-@MODELS.register_module()
-class NaNOnRankLLaVA(LLaVAModel):
-    """Test-only: on rank 1 the loss is NaN on the given (1-based) training steps."""
-
-    def __init__(self, nan_steps=(), **kwargs):
-        super().__init__(**kwargs)
-        self.nan_steps, self.calls = set(nan_steps), 0
-
-    def forward(self, *args, mode='loss', **kwargs):
-        out = super().forward(*args, mode=mode, **kwargs)
-        if mode == 'loss':
-            self.calls += 1
-            if self.calls in self.nan_steps and os.environ['RANK'] == '1':
-                out['loss'] = out['loss'] * float('nan')
-        return out
-'''
-
 
 @pytest.mark.slow
 def test_deepspeed_nonfinite_loss_on_one_rank_skips_on_all_then_stops(tmp_path, synthetic):
     config, env = config_with_module(
-        tmp_path, 'nan_on_rank', NAN_ON_RANK,
-        "model = dict(type='NaNOnRankLLaVA', nan_steps=[2, 4, 5])\n")
+        tmp_path, 'nan_on_rank', NAN_MODEL,
+        "model = dict(type='NaNOnStepsLLaVA', nan_steps=[2, 4, 5], nan_rank=1)\n")
     work_dir = tmp_path / 'w'
     result = train(work_dir, synthetic, '--deepspeed', 'zero2_fp32', iters=6, config=config,
                    env=env, options=[*PER_RANK, 'default_hooks.checkpoint.interval=1',

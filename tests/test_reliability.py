@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mllm.engine.config import CONFIG_ROOT
-from helpers import losses
+from helpers import NAN_MODEL, losses
 
 REPO = os.path.dirname(CONFIG_ROOT)
 TINY = os.path.join(CONFIG_ROOT, 'tiny', 'tiny_llava_synthetic.py')
@@ -148,28 +148,6 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, synthetic):
 
 
 # ---------------------------------------------------------------- non-finite loss
-
-NAN_MODEL = '''
-from mllm.models.llava import LLaVAModel
-from mllm.registry import MODELS
-
-
-@MODELS.register_module()
-class NaNOnStepsLLaVA(LLaVAModel):
-    """Test-only: the loss is NaN on the given (1-based) training steps."""
-
-    def __init__(self, nan_steps=(), **kwargs):
-        super().__init__(**kwargs)
-        self.nan_steps, self.calls = set(nan_steps), 0
-
-    def forward(self, *args, mode='loss', **kwargs):
-        out = super().forward(*args, mode=mode, **kwargs)
-        if mode == 'loss':
-            self.calls += 1
-            if self.calls in self.nan_steps:
-                out['loss'] = out['loss'] * float('nan')
-        return out
-'''
 
 
 def nan_config(tmp_path, nan_steps):
