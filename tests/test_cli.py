@@ -356,3 +356,12 @@ def test_log_backends_errors():
     if importlib.util.find_spec('wandb') is None:
         with pytest.raises(ImportError, match='pip install wandb'):
             load_config(TINY, {'log_backends': ['wandb']})
+
+
+def test_demo_max_iters_stretches_the_schedule():
+    """--max-iters moves the cosine's end with the last step; the warm-up stays."""
+    from mllm.cli.demo import DEMO_MODELS, schedule_options
+    options = schedule_options(DEMO_MODELS['tiny_llava'][0], 1500)
+    assert options == ['train_cfg.max_iters=1500', 'param_scheduler.1.end=1500']
+    cfg = load_config(TINY, {k: int(v) for k, v in (o.split('=') for o in options)})
+    assert cfg.param_scheduler[0].end == 50 and cfg.param_scheduler[1].end == 1500

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import List
 
 DEMO_CONFIG = 'configs/tiny/tiny_llava_synthetic.py'
 # model name -> (config, blank images); `--models` picks among them, the default stays as it was
@@ -36,6 +37,21 @@ def data_options(name: str, data_dir: str) -> dict:
     return options
 
 
+def schedule_options(config_path: str, max_iters: int) -> List[str]:
+    """``--cfg-options`` that train for ``max_iters`` steps with the config's learning-rate
+    schedule stretched to match: a scheduler that ended at the config's last step ends at the
+    new one (warm-up stays as it is). Without this, ``--max-iters 1500`` on a 600-step config
+    would spend the last 900 steps at the cosine's floor."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(config_path)
+    options = [f'train_cfg.max_iters={max_iters}']
+    for i, scheduler in enumerate(cfg.get('param_scheduler') or []):
+        if scheduler.get('end') == cfg.train_cfg.max_iters:
+            options.append(f'param_scheduler.{i}.end={max_iters}')
+    return options
+
+
 def add_arguments(parser):
     parser.add_argument('--work-dir', default='work_dirs/demo')
     parser.add_argument('--data-dir', default='data/synthetic')
@@ -51,7 +67,7 @@ def train(name: str, args, extra_options) -> float:
     options = [f'{k}={v}' for k, v in data_options(name, args.data_dir).items()]
     options += extra_options
     if args.max_iters:
-        options.append(f'train_cfg.max_iters={args.max_iters}')
+        options += schedule_options(DEMO_MODELS[name][0], args.max_iters)
     cmd = [sys.executable, '-m', 'mllm', 'train', DEMO_MODELS[name][0],
            '--work-dir', os.path.join(args.work_dir, name), '--cfg-options', *options]
     print(f'[demo] training {name}: {" ".join(cmd[2:])}', flush=True)

@@ -13,8 +13,8 @@ Categories (answers are one word each):
     fine_detail  What pattern is in the small box?    rows columns checks plain            (1/4)
 
 fine_detail is legible at full resolution, not at 64 px, whatever filter does the downsampling. A framed
-square patch (4x4 cells of 64 px, 16x16 px at 256 px) sits at a random 64-px-grid-aligned spot near a random
-corner. It is filled with mid grey g plus a zero-mean 1-px-period pattern: horizontal stripes ('rows'),
+square patch (8x8 cells of 64 px, 32x32 px at 256 px: one stride-32 token's worth) sits at a random
+64-px-grid-aligned spot near a random corner. It is filled with mid grey g plus a zero-mean 1-px-period pattern: horizontal stripes ('rows'),
 vertical stripes ('columns'), a checkerboard ('checks') or nothing ('plain'). Along a striped axis the
 offset follows the profile p(j) = (-1)**j * (1, 3, 3, 1)[j % 4] (rows: 3 k p(y), columns: 3 k p(x), checks:
 k p(x) p(y), k = PATTERN_STEP grey levels, so all reach +-9k), i.e. every 4-px run is +1 -3 +3 -1: a third
@@ -47,8 +47,9 @@ import string
 from PIL import Image, ImageDraw
 
 CATEGORIES = ('colour', 'shape', 'position', 'count', 'fine_detail')
-# share of each split per category; fine_detail is smaller because it is a probe, not a skill to learn
-CATEGORY_SHARES = (0.22, 0.22, 0.22, 0.22, 0.12)
+# share of each split per category. fine_detail had 0.12 up to FORMAT_VERSION 3: too few samples for the
+# high-resolution tiny models to learn to find and read the patch in 600 steps (still at chance on train)
+CATEGORY_SHARES = (0.2, 0.2, 0.2, 0.2, 0.2)
 
 COLOURS = {
     'red': (220, 30, 30), 'green': (20, 160, 50), 'blue': (30, 70, 230),
@@ -61,7 +62,9 @@ PATTERNS = ('rows', 'columns', 'checks', 'plain')  # fine_detail: what fills the
 CORNERS = ('top_left', 'top_right', 'bottom_left', 'bottom_right')
 PATTERN_PROFILE = (1, -3, 3, -1)  # one 4-px run of the stripe profile: a third finite difference
 PATTERN_STEP = 7  # grey levels per profile unit: stripes reach +-63, checks +-63 at their strongest
-PATCH_CELLS = 4  # patch side in 64-px cells (16 px at 256 px)
+# patch side in 64-px cells (32 px at 256 px). At 4 cells (16 px, FORMAT_VERSION <= 3) the pattern sat in a
+# quarter of one stride-32 token, and a tiny ConvNeXt + attention read-out did not find it in 300 steps
+PATCH_CELLS = 8
 
 ANSWERS = dict(colour=tuple(COLOURS), shape=SHAPES, position=POSITIONS, count=COUNTS,
                fine_detail=PATTERNS)
@@ -77,7 +80,7 @@ CHAT_TEXTS = ("A chat between a curious user and an artificial intelligence assi
               "helpful, detailed, and polite answers to the user's questions.", 'USER: ASSISTANT:')
 SPECIAL_TOKENS = ('<unk>', '<s>', '</s>', '<pad>', '<image>')  # ids 0..4, Llama order for the first three
 VOCAB_LIMIT = 256  # vocab_size of the tiny LLM config
-FORMAT_VERSION = 3  # bump when the output changes for the same arguments; invalidates meta.json caches
+FORMAT_VERSION = 4  # bump when the output changes for the same arguments; invalidates meta.json caches
 
 
 def _draw_shape(draw, shape, cx, cy, r, fill):
@@ -144,7 +147,9 @@ def _sample_params(rng, category, answer, size):
         params['items'] = [(cx * size, cy * size, 0.13 * size)]
         return params
     params[category] = answer  # colour / shape / fine_detail's pattern
-    max_r = 0.24 if category == 'fine_detail' else 0.28  # keep clear of the detail's corner
+    # keep clear of the detail's corner: its frame reaches 60 px (0.234) in from the edges at 256 px,
+    # a square of radius 0.2 at centre 0.42 starts at 0.42 - 0.85 * 0.2 = 0.25
+    max_r = 0.2 if category == 'fine_detail' else 0.28
     params['items'] = [(rng.uniform(0.42, 0.58) * size, rng.uniform(0.42, 0.58) * size,
                         rng.uniform(0.18, max_r) * size)]
     if category == 'fine_detail':
