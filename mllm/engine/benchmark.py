@@ -282,8 +282,8 @@ class _XtunerPath(_Path):
 
 
 def _mllm_collate(instances):
-    from mllm.datasets.collate import packed_llava_collate
-    batch = packed_llava_collate(instances)
+    from mllm.datasets.collate import flat_llava_collate
+    batch = flat_llava_collate(instances)
     batch['sample_ids'] = sorted(i for row in batch.pop('sample_rows') for i in row)
     return batch
 
@@ -317,7 +317,7 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
         losses, token and padding counts behind them.
     """
     warmup = min(3, steps // 2) if warmup is None else warmup
-    from mllm.datasets.collate import packed_llava_collate
+    from mllm.datasets.collate import flat_llava_collate
     if steps <= warmup:
         raise ValueError(f'steps ({steps}) must exceed warmup ({warmup})')
     paths = write_bench_data(osp.join(work_dir, 'data'), num_samples, seed)
@@ -338,7 +338,7 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
             raise AssertionError(f'step {k}: the paths saw different samples')
     lengths = [len(our_data.encode(i)['input_ids']) for i in range(len(our_data))]
     tokens = [sum(lengths[i] for i in b) for b in batches]
-    packed = [packed_llava_collate([dict(input_ids=[0] * lengths[i]) for i in b])['input_ids']
+    packed = [flat_llava_collate([dict(input_ids=[0] * lengths[i]) for i in b])['input_ids']
               for b in batches[warmup:]]
     timed = sum(tokens[warmup:])
     result = {f'{r.name}_tokens_per_s': timed / sum(r.seconds[warmup:]) for r in runs}

@@ -182,6 +182,31 @@ def deepspeed_checkpoint_loading() -> None:
     TorchCheckpointEngine.load = load
 
 
+def varlen_skips_causal_mask(implementation: str) -> None:
+    """transformers 4.48's ``_update_causal_mask`` (Llama, Mistral, Qwen2, Phi-3) returns
+    no mask only for flash-attention-2 and SDPA's causal shortcut; for any other attention
+    name it builds a dense (B, 1, T, T) float mask, which a per-segment attention function
+    such as ``mllm.models.varlen_attention`` never reads (T is the whole flattened batch).
+    Return None for ``implementation``; every other name keeps upstream's mask."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+    from transformers.models.mistral.modeling_mistral import MistralModel
+    from transformers.models.phi3.modeling_phi3 import Phi3Model
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+    for cls in (LlamaModel, MistralModel, Qwen2Model, Phi3Model):
+        original = cls._update_causal_mask
+        if hasattr(original, 'skips_for'):
+            continue
+
+        def update_causal_mask(self, attention_mask, *args, _original=original, **kwargs):
+            if self.config._attn_implementation == implementation and attention_mask is None:
+                return None
+            return _original(self, attention_mask, *args, **kwargs)
+
+        update_causal_mask.skips_for = implementation
+        cls._update_causal_mask = update_causal_mask
+
+
 def apply_all(cfg, launcher: str = 'none') -> None:
     patch_checkpoint_loading()
     cpu_optim_wrapper(cfg)

@@ -4,6 +4,7 @@ The dataset expands every ``<image>`` into as many ``IMAGE_TOKEN_INDEX`` sentine
 encoder yields tokens, so sequence lengths never change inside the model: the merge is a
 mask plus ``masked_scatter``.
 """
+import contextlib
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -12,6 +13,8 @@ from mmengine.model import BaseModel
 
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mllm.models.lora import apply_lora
+from mllm.models.varlen_attention import (VARLEN_ATTENTION, register_varlen_attention,
+                                          segment_starts, supports_varlen)
 from mllm.registry import MODELS
 
 # Decoder families whose logits are plain ``lm_head(hidden)``: the loss may skip the head
@@ -164,19 +167,51 @@ class LLaVAModel(BaseModel):
                 position_ids: Optional[torch.Tensor] = None,
                 **unused) -> Dict[str, torch.Tensor]:
         """``position_ids`` without ``attention_mask`` is a packed batch
-        (``packed_llava_collate``): every sample attends only to itself."""
+        (``packed_llava_collate``, ``flat_llava_collate``): every sample attends only to
+        itself, through per-segment attention where the LLM supports it
+        (``mllm.models.varlen_attention``), else a block-diagonal mask."""
+        if mode not in ('loss', 'tensor'):
+            raise ValueError(f"mode must be 'loss' or 'tensor' (use generate() to predict), "
+                             f'got {mode!r}')
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, boxes=boxes)
-        if position_ids is not None and attention_mask is None:
-            attention_mask = self._packed_attention_mask(position_ids, inputs_embeds.dtype)
         kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=False)
-        if mode == 'loss':
+        varlen = position_ids is not None and attention_mask is None and self._use_varlen()
+        if varlen:
+            kwargs['cu_seq_lens_q'] = segment_starts(position_ids)
+        elif position_ids is not None and attention_mask is None:
+            kwargs['attention_mask'] = self._packed_attention_mask(position_ids,
+                                                                   inputs_embeds.dtype)
+        with self._attention_implementation(VARLEN_ATTENTION if varlen else None):
+            if mode == 'tensor':
+                return self.llm(**kwargs).logits
             if labels is not None and self._decoder_and_head() is not None:
                 return {'loss': self._answer_loss(labels, **kwargs)}
             return {'loss': self.llm(labels=labels, **kwargs).loss}
-        if mode == 'tensor':
-            return self.llm(**kwargs).logits
-        raise ValueError(f"mode must be 'loss' or 'tensor' (use generate() to predict), got {mode!r}")
+
+    def _use_varlen(self) -> bool:
+        """Per-segment attention for packed batches: on LLMs that ``supports_varlen``, and
+        not under gradient checkpointing, whose recomputation (transformers 4.48) gets
+        neither the segment kwargs nor the switched implementation."""
+        if not supports_varlen(self.llm.config):
+            return False
+        return not (self.training and getattr(self.llm, 'is_gradient_checkpointing', False))
+
+    @contextlib.contextmanager
+    def _attention_implementation(self, name: Optional[str]):
+        """Run the LLM with attention implementation ``name`` (None: unchanged); every
+        attention layer reads it from the shared config at call time."""
+        if name is None:
+            yield
+            return
+        register_varlen_attention()
+        config = self.llm.config
+        previous = config._attn_implementation
+        config._attn_implementation = name
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
 
     def _decoder_and_head(self):
         """(decoder, lm_head) of LLMs whose logits are just ``lm_head(hidden)`` (no logit
