@@ -65,12 +65,13 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     batch, heads, length, dim = query.shape
     # (1, H, B*T, D): a view for a flattened batch (B = 1), one copy otherwise
     q, k, v = (x.transpose(0, 1).reshape(1, heads, batch * length, -1) for x in (query, key, value))
-    bounds: List[int] = cu_seq_lens_q.tolist()
+    # split, not slicing: a slice's backward writes its gradient into a zero tensor of the
+    # full row, which per segment makes the backward quadratic in the segment count
+    lengths: List[int] = cu_seq_lens_q.diff().tolist()
     out = torch.cat([
         torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout, scale=scaling,
-            is_causal=True)
-        for s, e in zip(bounds[:-1], bounds[1:])], dim=2)  # (1, H, B*T, D)
+            qs, ks, vs, dropout_p=dropout, scale=scaling, is_causal=True)
+        for qs, ks, vs in zip(*(x.split(lengths, dim=2) for x in (q, k, v)))], dim=2)
     return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
 
 
