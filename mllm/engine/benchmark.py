@@ -123,9 +123,10 @@ def _xtuner_map_fn(example):
 
 
 def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int,
-                    patch_size: int, attn: str = 'sdpa'):
+                    patch_size: int, attn: str = 'sdpa', token_cache: Optional[str] = None):
     """mllm's LLaVAModel (projector + LLM train, vision frozen: the finetune recipe) and
-    LLaVADataset."""
+    LLaVADataset, reading its offline tokenisation cache under ``token_cache`` (built
+    first), as XTuner's path reads its offline folder."""
     import mllm.models  # noqa: F401  (registers the model parts)
     from mllm.datasets.image_processing import LLaVAImageProcessor
     from mllm.datasets.llava import LLaVADataset
@@ -140,7 +141,7 @@ def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int
                            template='vicuna_v1', image_folder=paths['image_folder'],
                            image_processor=LLaVAImageProcessor(size=image_size,
                                                                token_stride=patch_size),
-                           max_length=4096)
+                           max_length=4096, token_cache=token_cache)
     return model, dataset
 
 
@@ -323,7 +324,8 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
     paths = write_bench_data(osp.join(work_dir, 'data'), num_samples, seed)
     ckpt = save_tiny_checkpoints(osp.join(work_dir, 'ckpt'), llm_layers=llm_layers, seed=seed)
     torch.manual_seed(seed)
-    ours, our_data = build_mllm_path(paths, ckpt, TINY_VIT['image_size'], TINY_VIT['patch_size'])
+    ours, our_data = build_mllm_path(paths, ckpt, TINY_VIT['image_size'], TINY_VIT['patch_size'],
+                                     token_cache=osp.join(work_dir, 'mllm_token_cache'))
     theirs, their_data = build_xtuner_path(paths, ckpt, TINY_VIT['image_size'], work_dir)
     copy_projector(ours, theirs)
     batches = grouped_batches(their_data, batch_size, steps, seed, sampler)
