@@ -534,8 +534,8 @@ def _rate(fn, items, min_seconds: float = 1.0) -> float:
 def bench_data(work_dir: str, num_images: int = 8, source_size=(640, 480)) -> dict:
     """Images/s of one worker (one process, one thread): JPEG decode + pad to square +
     resize + normalise at each resolution, and UHD slicing of a 672x1008 image; token-
-    isation samples/s of mllm's on-the-fly encoding against reading XTuner's offline
-    pre-tokenised arrow folder; MG-LLaVA's mapping of 20 boxes per image. Sources are
+    isation samples/s of mllm's on-the-fly encoding, of reading mllm's offline token cache
+    and of reading XTuner's offline pre-tokenised arrow folder; MG-LLaVA's mapping of 20 boxes per image. Sources are
     640x480 JPEGs (COCO's typical size, the bulk of LLaVA-665K).
     """
     from PIL import Image
@@ -600,7 +600,19 @@ def _bench_tokenisation(work_dir: str) -> dict:
         build_xtuner_path(paths, save_tiny_checkpoints(osp.join(work_dir, 'ckpt')), 64, work_dir)
     offline = load_from_disk(text_dir)
     cached = _rate(lambda i: offline[i]['input_ids'], range(len(offline)))
-    return dict(tokenise_samples_per_s=online, offline_cache_samples_per_s=cached)
+    # mllm's own offline cache (LLaVADataset(token_cache=...)): built once, then read back
+    # with the image sentinel expanded to 576 tokens and max_length applied
+    start = time.perf_counter()
+    token_cache = LLaVADataset(paths['data_path'], tokenizer=dict(pretrained=paths['tokenizer']),
+                               template='vicuna_v1', image_processor=dict(
+                                   type='LLaVAImageProcessor', size=336), max_length=4096,
+                               token_cache=osp.join(work_dir, 'mllm_token_cache')).token_cache
+    build_seconds = time.perf_counter() - start
+    images = ['<image>' in c[0]['value'] for c in samples]
+    ours = _rate(lambda i: token_cache.get(i, 576 if images[i] else 0, 4096), range(len(images)))
+    return dict(tokenise_samples_per_s=online, offline_cache_samples_per_s=cached,
+                mllm_token_cache_samples_per_s=ours,
+                mllm_token_cache_build_seconds=build_seconds)
 
 
 # ------------------------------------------------------------------------------- scaling
