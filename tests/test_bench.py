@@ -52,14 +52,12 @@ def test_pack_rows_first_fit_decreasing():
         pack_rows([3, 9], 8)
 
 
-@pytest.mark.parametrize('attn', ['sdpa', 'eager', 'mask'])
-def test_packed_loss_and_grads_equal_padded(trainable_model, attn, monkeypatch):
+@pytest.mark.parametrize('attn', ['sdpa', 'eager'])
+def test_packed_loss_and_grads_equal_padded(trainable_model, attn):
     """Packing several samples per row with per-sample attention is the same computation,
-    through per-segment attention (sdpa, eager) and the block-diagonal mask fallback."""
+    through per-segment SDPA (sdpa) and the block-diagonal mask (eager)."""
     model = trainable_model
-    model.llm.config._attn_implementation = 'sdpa' if attn == 'mask' else attn
-    if attn == 'mask':
-        monkeypatch.setattr(type(model), '_use_varlen', lambda self: False)
+    model.llm.config._attn_implementation = attn
     instances = _instances([30, 10, 12, 50, 7, 20])
     padded, packed = llava_collate(instances), packed_llava_collate(instances)
     assert packed['input_ids'].shape[0] < padded['input_ids'].shape[0]  # it did pack
@@ -85,15 +83,20 @@ def _loss_and_grads(model, batch):
     return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
-def test_flat_batch_equals_padded(trainable_model, monkeypatch):
+@pytest.mark.parametrize('checkpointing', [False, True])
+def test_flat_batch_equals_padded(trainable_model, monkeypatch, checkpointing):
     """One flattened row (no padding, attention per sample segment, no mask built) gives
-    the padded batch's loss and every projector and LLM gradient; the same row with
-    attention across the whole row (no segment isolation) does not."""
+    the padded batch's loss and every projector and LLM gradient, also when gradient
+    checkpointing recomputes the layers; the same row with attention across the whole
+    row (no segment isolation) does not."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from mllm.engine.patches import sdpa_segment_masks
     from mllm.models import llava, varlen_attention
-    from mllm.models.varlen_attention import VARLEN_ATTENTION, varlen_sdpa_attention
     model = trainable_model
+    if checkpointing:
+        model.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={'use_reentrant': False})
     instances = _instances([30, 10, 12, 50, 7, 20])
     padded, flat = llava_collate(instances), flat_llava_collate(instances)
     lengths = [len(x['input_ids']) for x in instances]
@@ -101,36 +104,44 @@ def test_flat_batch_equals_padded(trainable_model, monkeypatch):
     assert flat['sample_rows'] == [[10, 11, 12, 13, 14, 15]]
     assert varlen_attention.segment_starts(flat['position_ids']).tolist() == [
         sum(lengths[:k]) for k in range(len(lengths) + 1)]
-    # the per-segment function refuses a mask, so reaching it proves none was built
-    used = []
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, VARLEN_ATTENTION,
-                        lambda *a, **k: used.append(1) or varlen_sdpa_attention(*a, **k))
-    reference, ours = _loss_and_grads(model, padded), _loss_and_grads(model, flat)
-    assert len(used) == 2 and model.llm.config._attn_implementation == 'sdpa'  # 2 layers; restored
+    reference = _loss_and_grads(model, padded)
+    segments = []  # what reaches the attention function: the 1-D boundaries, no T x T mask
+    sdpa_segment_masks()
+    sdpa = ALL_ATTENTION_FUNCTIONS['sdpa']
+
+    def spy(m, q, k, v, mask, **kw):
+        segments.append(mask.dim())
+        return sdpa(m, q, k, v, mask, **kw)
+
+    spy.passes_segments = sdpa  # already patched: keep the spy in front
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, 'sdpa', spy)
+    ours = _loss_and_grads(model, flat)
+    assert segments == [1] * (4 if checkpointing else 2)  # 2 layers (+ recomputation)
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-6, atol=1e-6)
     for got, want in zip(ours[1:], reference[1:]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     # control: one segment spanning the row = plain causal attention across samples
-    monkeypatch.setattr(llava, 'segment_starts', lambda p: torch.tensor([0, p.numel()]))
+    monkeypatch.setattr(llava, 'segment_starts',
+                        lambda p: torch.tensor([0, p.numel()], dtype=torch.int32))
     assert abs(_loss_and_grads(model, flat)[0].item() - reference[0].item()) > 0.01
 
 
-def test_varlen_falls_back_to_mask(trainable_model):
-    """Unsupported setups (gradient checkpointing in training, sliding windows,
-    flash-attention-2) keep the block-diagonal mask / position-id path."""
-    from mllm.models.varlen_attention import supports_varlen
-    model = trainable_model
-    assert model._use_varlen()
-    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    assert not model._use_varlen()
-    model.eval()
-    assert model._use_varlen()  # no recomputation outside training
-    config = model.llm.config
+def test_segment_masks_only_where_supported(trainable_model):
+    """Eager attention, sliding windows and flash-attention-2 keep the block-diagonal mask
+    / position-id path; segment masks are refused with a KV cache."""
+    from mllm.models.varlen_attention import segment_sdpa_attention, supports_varlen
+    config = trainable_model.llm.config
+    assert supports_varlen(config)
     config.sliding_window = 16
     assert not supports_varlen(config)
     config.sliding_window = None
-    config._attn_implementation = 'flash_attention_2'
-    assert not supports_varlen(config)
+    for attn in ('eager', 'flash_attention_2'):
+        config._attn_implementation = attn
+        assert not supports_varlen(config)
+    q = torch.zeros(1, 4, 1, 16)
+    with pytest.raises(ValueError, match='not a KV cache'):
+        segment_sdpa_attention(None, q, torch.zeros(1, 4, 5, 16), torch.zeros(1, 4, 5, 16),
+                               torch.tensor([0, 1], dtype=torch.int32))
 
 
 def test_answer_only_head_equals_hf_loss(trainable_model):

@@ -4,7 +4,6 @@ The dataset expands every ``<image>`` into as many ``IMAGE_TOKEN_INDEX`` sentine
 encoder yields tokens, so sequence lengths never change inside the model: the merge is a
 mask plus ``masked_scatter``.
 """
-import contextlib
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -13,8 +12,7 @@ from mmengine.model import BaseModel
 
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mllm.models.lora import apply_lora
-from mllm.models.varlen_attention import (VARLEN_ATTENTION, register_varlen_attention,
-                                          segment_starts, supports_varlen)
+from mllm.models.varlen_attention import segment_starts, supports_varlen
 from mllm.registry import MODELS
 
 # Decoder families whose logits are plain ``lm_head(hidden)``: the loss may skip the head
@@ -168,50 +166,21 @@ class LLaVAModel(BaseModel):
                 **unused) -> Dict[str, torch.Tensor]:
         """``position_ids`` without ``attention_mask`` is a packed batch
         (``packed_llava_collate``, ``flat_llava_collate``): every sample attends only to
-        itself, through per-segment attention where the LLM supports it
+        itself, through per-segment SDPA where the LLM supports it
         (``mllm.models.varlen_attention``), else a block-diagonal mask."""
         if mode not in ('loss', 'tensor'):
             raise ValueError(f"mode must be 'loss' or 'tensor' (use generate() to predict), "
                              f'got {mode!r}')
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, boxes=boxes)
+        if position_ids is not None and attention_mask is None:
+            attention_mask = self._packed_attention_mask(position_ids, inputs_embeds.dtype)
         kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=False)
-        varlen = position_ids is not None and attention_mask is None and self._use_varlen()
-        if varlen:
-            kwargs['cu_seq_lens_q'] = segment_starts(position_ids)
-        elif position_ids is not None and attention_mask is None:
-            kwargs['attention_mask'] = self._packed_attention_mask(position_ids,
-                                                                   inputs_embeds.dtype)
-        with self._attention_implementation(VARLEN_ATTENTION if varlen else None):
-            if mode == 'tensor':
-                return self.llm(**kwargs).logits
-            if labels is not None and self._decoder_and_head() is not None:
-                return {'loss': self._answer_loss(labels, **kwargs)}
-            return {'loss': self.llm(labels=labels, **kwargs).loss}
-
-    def _use_varlen(self) -> bool:
-        """Per-segment attention for packed batches: on LLMs that ``supports_varlen``, and
-        not under gradient checkpointing, whose recomputation (transformers 4.48) gets
-        neither the segment kwargs nor the switched implementation."""
-        if not supports_varlen(self.llm.config):
-            return False
-        return not (self.training and getattr(self.llm, 'is_gradient_checkpointing', False))
-
-    @contextlib.contextmanager
-    def _attention_implementation(self, name: Optional[str]):
-        """Run the LLM with attention implementation ``name`` (None: unchanged); every
-        attention layer reads it from the shared config at call time."""
-        if name is None:
-            yield
-            return
-        register_varlen_attention()
-        config = self.llm.config
-        previous = config._attn_implementation
-        config._attn_implementation = name
-        try:
-            yield
-        finally:
-            config._attn_implementation = previous
+        if mode == 'tensor':
+            return self.llm(**kwargs).logits
+        if labels is not None and self._decoder_and_head() is not None:
+            return {'loss': self._answer_loss(labels, **kwargs)}
+        return {'loss': self.llm(labels=labels, **kwargs).loss}
 
     def _decoder_and_head(self):
         """(decoder, lm_head) of LLMs whose logits are just ``lm_head(hidden)`` (no logit
@@ -237,10 +206,16 @@ class LLaVAModel(BaseModel):
 
     def _packed_attention_mask(self, position_ids: torch.Tensor,
                                dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """Block-diagonal causal mask (B, 1, T, T), additive as HF expects a 4-D mask;
-        None for flash-attention-2, whose varlen path reads sample starts from the
-        position ids (no T x T mask at all)."""
-        if getattr(self.llm.config, '_attn_implementation', None) == 'flash_attention_2':
+        """The attention mask of a packed batch: segment boundaries (1-D, no T x T mask)
+        for LLMs that ``supports_varlen``; None for flash-attention-2, whose varlen path
+        reads sample starts from the position ids; else a block-diagonal causal mask
+        (B, 1, T, T), additive as HF expects a 4-D mask."""
+        config = self.llm.config
+        if supports_varlen(config):
+            from mllm.engine.patches import sdpa_segment_masks
+            sdpa_segment_masks()  # once; later calls return at once
+            return segment_starts(position_ids)
+        if getattr(config, '_attn_implementation', None) == 'flash_attention_2':
             return None
         segment = (position_ids == 0).cumsum(-1)  # (B, T): sample number within the row
         same = segment.unsqueeze(-1) == segment.unsqueeze(-2)  # (B, T, T)

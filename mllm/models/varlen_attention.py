@@ -4,43 +4,46 @@ per sample segment.
 A packed batch (``packed_llava_collate``, ``flat_llava_collate``) holds several samples
 per row, with position ids restarting at 0 for each. A block-diagonal T x T mask gives
 each sample its own causal attention, but it is built and read in full (quadratic in the
-row length, the whole row for a flattened batch) and SDPA cannot skip the causal upper
+row length, the whole batch for a flattened one) and SDPA cannot skip the causal upper
 triangle. Here each segment runs ``scaled_dot_product_attention(is_causal=True)`` on its
-own slice of q/k/v: attention costs what the samples need, no mask is ever built.
+own slice of q/k/v: attention costs what the samples need, and no mask is built.
 
-Registered in transformers' ``ALL_ATTENTION_FUNCTIONS`` under ``VARLEN_ATTENTION``;
-``LLaVAModel`` switches a supported LLM to it for the forward pass of a packed batch and
-passes the segment boundaries as ``cu_seq_lens_q`` (the flash-attention kwarg that
-transformers 4.48 hands through the decoder to the attention function).
+The segments travel as the attention mask itself: a 1-D int32 tensor of boundaries
+(flash-attention's ``cu_seqlens``, from ``segment_starts``). transformers never makes a
+1-D mask, so the SDPA attention function can tell it apart
+(``mllm.engine.patches.sdpa_segment_masks``), and as the mask it reaches every decoder
+layer, also when gradient checkpointing recomputes the layer in the backward pass.
 """
 from typing import List, Optional, Tuple
 
 import torch
 
-VARLEN_ATTENTION = 'mllm_varlen'
-
-# Decoder families whose attention goes through ALL_ATTENTION_FUNCTIONS with no extra
+# Decoder families whose attention goes through ALL_ATTENTION_FUNCTIONS['sdpa'] with no
 # masking of their own; sliding windows are checked in ``supports_varlen``.
 VARLEN_LLMS = ('llama', 'mistral', 'qwen2', 'phi3')
 
 
 def supports_varlen(config) -> bool:
-    """Whether an LLM of this HF config can run ``VARLEN_ATTENTION`` exactly: a listed
-    family with 'sdpa' or 'eager' attention and no sliding window (the per-segment call
-    attends to the whole segment prefix)."""
+    """Whether an LLM of this HF config can take segment masks: a listed family with SDPA
+    attention and no sliding window (a segment attends to its whole prefix). Others get
+    a block-diagonal mask (eager) or position ids (flash-attention-2)."""
     if getattr(config, 'model_type', None) not in VARLEN_LLMS:
         return False
-    if getattr(config, '_attn_implementation', None) not in ('sdpa', 'eager'):
+    if getattr(config, '_attn_implementation', None) != 'sdpa':
         return False
     if config.model_type == 'qwen2':
         return not getattr(config, 'use_sliding_window', False)
     return getattr(config, 'sliding_window', None) is None
 
 
+def is_segment_mask(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dim() == 1
+
+
 def segment_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """Cumulative segment boundaries (flash-attention's ``cu_seqlens``) over the row-major
+    """Segment boundaries (flash-attention's ``cu_seqlens``, int32) over the row-major
     flattened (B, T) positions: a segment starts wherever the position id is 0 and at every
-    row start, and the last entry is B * T."""
+    row start; the last entry is B * T."""
     starts = position_ids == 0
     starts[:, 0] = True
     flat = starts.flatten().nonzero().flatten()
@@ -48,18 +51,16 @@ def segment_starts(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat, end]).to(torch.int32)
 
 
-def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                          value: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                          dropout: float = 0.0, scaling: Optional[float] = None,
-                          cu_seq_lens_q: Optional[torch.Tensor] = None,
-                          **kwargs) -> Tuple[torch.Tensor, None]:
-    """q/k/v (B, H, T, D) -> (B, T, H, D), causal inside each segment of ``cu_seq_lens_q``
-    (``segment_starts``); the signature of transformers' ``sdpa_attention_forward``."""
-    if cu_seq_lens_q is None or attention_mask is not None:
-        raise ValueError(f'{VARLEN_ATTENTION} attention needs cu_seq_lens_q (segment starts) '
-                         'and no attention mask; LLaVAModel passes them for packed batches')
+def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor, segments: torch.Tensor, dropout: float = 0.0,
+                           scaling: Optional[float] = None) -> Tuple[torch.Tensor, None]:
+    """q/k/v (B, H, T, D) -> (B, T, H, D), causal inside each segment of ``segments``
+    (``segment_starts``); returns what transformers' ``sdpa_attention_forward`` returns."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
+    if query.shape[2] != key.shape[2]:
+        raise ValueError('segment masks are for training batches, not a KV cache '
+                         f'({query.shape[2]} queries, {key.shape[2]} keys)')
     groups = getattr(module, 'num_key_value_groups', 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     batch, heads, length, dim = query.shape
@@ -67,20 +68,9 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     q, k, v = (x.transpose(0, 1).reshape(1, heads, batch * length, -1) for x in (query, key, value))
     # split, not slicing: a slice's backward writes its gradient into a zero tensor of the
     # full row, which per segment makes the backward quadratic in the segment count
-    lengths: List[int] = cu_seq_lens_q.diff().tolist()
+    lengths: List[int] = segments.diff().tolist()
     out = torch.cat([
         torch.nn.functional.scaled_dot_product_attention(
             qs, ks, vs, dropout_p=dropout, scale=scaling, is_causal=True)
         for qs, ks, vs in zip(*(x.split(lengths, dim=2) for x in (q, k, v)))], dim=2)
     return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
-
-
-def register_varlen_attention() -> None:
-    """Add ``VARLEN_ATTENTION`` to transformers' attention functions and keep the decoders
-    from building a causal mask for it (``mllm.engine.patches.varlen_skips_causal_mask``)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from mllm.engine.patches import varlen_skips_causal_mask
-
-    ALL_ATTENTION_FUNCTIONS.setdefault(VARLEN_ATTENTION, varlen_sdpa_attention)
-    varlen_skips_causal_mask(VARLEN_ATTENTION)
