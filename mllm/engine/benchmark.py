@@ -2,7 +2,8 @@
 
 ``bench train`` trains the same tiny LLaVA (same HF weights on disk, same projector init,
 same samples in the same global batches, same optimiser) twice in one process, with
-mllm's ``LLaVAModel`` + ``LLaVADataset`` + ``packed_llava_collate`` and with XTuner's
+mllm's ``LLaVAModel`` + ``LLaVADataset`` (offline token cache) + ``flat_llava_collate``
+(padding-free batches) and with XTuner's
 ``LLaVAModel`` + ``LLaVADataset`` + ``default_collate_fn``, steps interleaved so machine
 noise hits both alike, and reports real (non-pad) tokens per second for each.
 
