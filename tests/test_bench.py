@@ -278,14 +278,21 @@ def test_recipe_flops_vicuna7b_finetune_on_meta():
                                                                 vision)
 
 
-def test_train_with_packed_collate_from_a_config(tmp_path):
-    """Packing is a config switch for `mllm train`; throughput is still logged."""
+@pytest.mark.parametrize('flat', [False, True])
+def test_train_with_packed_collate_from_a_config(tmp_path, flat):
+    """Packing, or padding-free batches with SDPA segment attention and the token cache,
+    are config switches for `mllm train`; throughput is still logged."""
     from mllm.cli import main
     from mllm.datasets.synthetic import generate_synthetic_vqa
     data = generate_synthetic_vqa(str(tmp_path / 'data'), num_train=32, num_val=0)
     work_dir = tmp_path / 'run'
+    options = ['train_dataloader.collate_fn.type=mllm.packed_llava_collate']
+    if flat:
+        options = ['train_dataloader.collate_fn.type=mllm.flat_llava_collate',
+                   'llm.attn_implementation=sdpa',
+                   f'train_dataloader.dataset.token_cache={tmp_path / "token_cache"}']
     assert main(['train', 'configs/tiny/tiny_llava_synthetic.py', '--work-dir', str(work_dir),
-                 '--cfg-options', 'train_dataloader.collate_fn.type=mllm.packed_llava_collate',
+                 '--cfg-options', *options,
                  'train_dataloader.batch_size=8', 'train_cfg.max_iters=2',
                  'default_hooks.logger.interval=1', 'default_hooks.checkpoint.interval=2',
                  f'train_dataloader.dataset.data_path={data["train"]}',
@@ -295,3 +302,4 @@ def test_train_with_packed_collate_from_a_config(tmp_path):
                for line in path.read_text().splitlines()]
     logged = [s for s in scalars if 'loss' in s]
     assert len(logged) == 2 and all(s['tokens_per_s'] > 0 for s in logged)
+    assert len(list((tmp_path / 'token_cache').glob('*/ids.npy'))) == (1 if flat else 0)

@@ -536,8 +536,9 @@ def bench_data(work_dir: str, num_images: int = 8, source_size=(640, 480)) -> di
     """Images/s of one worker (one process, one thread): JPEG decode + pad to square +
     resize + normalise at each resolution, and UHD slicing of a 672x1008 image; token-
     isation samples/s of mllm's on-the-fly encoding, of reading mllm's offline token cache
-    and of reading XTuner's offline pre-tokenised arrow folder; MG-LLaVA's mapping of 20 boxes per image. Sources are
-    640x480 JPEGs (COCO's typical size, the bulk of LLaVA-665K).
+    and of reading XTuner's offline pre-tokenised arrow folder; MG-LLaVA's mapping of 20
+    boxes per image. Sources are 640x480 JPEGs (COCO's typical size, the bulk of
+    LLaVA-665K).
     """
     from PIL import Image
 
