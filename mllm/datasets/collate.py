@@ -118,3 +118,18 @@ def packed_llava_collate(instances: List[dict], pad_token_id: int = 0,
     if any(x.get('boxes') is not None for x in instances):
         batch['boxes'] = boxes  # MG-LLaVA: one (n_i, 4) tensor per image, packed order
     return batch
+
+
+@FUNCTIONS.register_module()
+def flat_llava_collate(instances: List[dict], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
+    """Padding-free batch: every sample of the batch, in order, concatenated in ONE row.
+
+    ``packed_llava_collate`` with room for all samples, so no position is padding: the
+    projector, norms, MLPs and LM head run on exactly the real tokens. Position ids restart
+    per sample; ``LLaVAModel`` runs attention per sample segment (no mask, no causal upper
+    triangle) where the LLM supports it, else falls back to a block-diagonal mask over the
+    row (quadratic in the batch's tokens: prefer ``packed_llava_collate`` there).
+    Use it from a config as ``collate_fn=dict(type='mllm.flat_llava_collate')``.
+    """
+    total = sum(len(x['input_ids']) for x in instances)
+    return packed_llava_collate(instances, pad_token_id=pad_token_id, pack_length=total)

@@ -25,7 +25,9 @@ def expand_to_square(image: Image.Image, fill: Tuple[int, int, int]) -> Image.Im
 def to_normalized_tensor(image: Image.Image, mean: Sequence[float],
                          std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float tensor normalised with ``mean``/``std``."""
-    pixels = torch.from_numpy(np.asarray(image.convert('RGB'), dtype=np.float32) / 255.0)
+    if image.mode != 'RGB':
+        image = image.convert('RGB')
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     mean, std = torch.as_tensor(mean).view(3, 1, 1), torch.as_tensor(std).view(3, 1, 1)
     return (pixels.permute(2, 0, 1) - mean) / std  # (3, H, W)
 
@@ -89,7 +91,8 @@ class LLaVAImageProcessor:
         return Image.new('RGB', (self.size, self.size), self.pad_colour)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert('RGB')
+        if image.mode != 'RGB':  # convert() copies even when there is nothing to convert
+            image = image.convert('RGB')
         if self.pad_to_square and not self.keep_aspect:
             image = expand_to_square(image, self.pad_colour)
         image = image.resize(self.output_size(image.size), Image.BICUBIC)

@@ -159,13 +159,19 @@ class LLaVADataset(Dataset):
             per box and the sample carries ``boxes`` (xyxy pixels of the image tensor).
             An image without an entry in the file is a bad sample. Defaults to None.
         max_boxes: most boxes per image, the best-scoring first. Defaults to 100.
+        token_cache: folder for the offline tokenisation cache
+            (``mllm.datasets.token_cache``): the data file is tokenised once, into a
+            subfolder keyed by the data file, tokenizer and template, and later runs read
+            it back. Not used with processors that lay out several image tensors per image
+            (UHD slices). Defaults to None (tokenise on the fly).
     """
 
     def __init__(self, data_path: str, tokenizer, template: str, image_processor,
                  image_folder: Optional[str] = None, max_length: int = 2048,
                  blank_images: bool = False, strict: bool = True,
                  bad_sample_policy: str = 'error', max_skipped_ratio: float = 0.01,
-                 box_file: Optional[str] = None, max_boxes: int = 100):
+                 box_file: Optional[str] = None, max_boxes: int = 100,
+                 token_cache: Optional[str] = None):
         from mllm.models.llms import build_tokenizer  # keeps `import mllm.datasets` light
 
         self.data_path = data_path
@@ -197,6 +203,42 @@ class LLaVADataset(Dataset):
             listing = '; '.join(f'{place}: {p}' for place, p in problems[:5])
             raise DataError(f'{data_path}: {len(problems)} malformed sample(s) — {listing}'
                             f'{" ..." if len(problems) > 5 else ""} (run `mllm check-data`)')
+        self.token_cache = None if token_cache is None else self._open_token_cache(token_cache)
+
+    def _open_token_cache(self, cache_dir: str):
+        """The tokenisation cache of this data file, tokenizer and template under
+        ``cache_dir``, built first when there is none."""
+        import time
+
+        from mllm.datasets.token_cache import TokenCache, build_cache, cache_key
+
+        if getattr(self.image_processor, 'placeholder', None) is not None:
+            print_log(f'{type(self.image_processor).__name__} lays out several image tensors '
+                      'per image: token_cache is not used, samples are tokenised on the fly',
+                      logger='current', level=logging.WARNING)
+            return None
+        folder = os.path.join(cache_dir, cache_key(self.data_path, self.tokenizer, self.template))
+        if not os.path.isdir(folder):
+            start = time.perf_counter()
+            build_cache(folder, len(self), self._encode_text)
+            print_log(f'tokenised {len(self)} samples of {self.data_path} into {folder} in '
+                      f'{time.perf_counter() - start:.1f} s', logger='current')
+        cache = TokenCache(folder)
+        if len(cache) != len(self):
+            raise DataError(f'{folder}: token cache holds {len(cache)} samples, '
+                            f'{self.data_path} has {len(self)}; delete the folder')
+        return cache
+
+    def _encode_text(self, index: int):
+        """(ids, labels) of sample ``index`` with one image sentinel for its image, for the
+        token cache; ``ValueError`` when it cannot be encoded."""
+        sample = self.samples[index]
+        problem = sample_problem(sample)
+        if problem is not None:
+            raise ValueError(problem)
+        encoded = encode_conversation(sample['conversations'], self.tokenizer, self.template,
+                                      num_image_tokens=1 if sample.get('image') else 0)
+        return encoded['input_ids'], encoded['labels']
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -288,14 +330,18 @@ class LLaVADataset(Dataset):
                 image, self.image_processor, box_entry, self.max_boxes)
             conversations = expand_image_placeholder(conversations, self.image_processor, image.size)
         try:
-            encoded = encode_conversation(conversations, self.tokenizer, self.template,
-                                          num_image_tokens=num_image_tokens,
-                                          max_length=self.max_length)
+            if self.token_cache is not None:
+                input_ids, labels = self.token_cache.get(index, num_image_tokens,
+                                                         self.max_length)
+            else:
+                encoded = encode_conversation(conversations, self.tokenizer, self.template,
+                                              num_image_tokens=num_image_tokens,
+                                              max_length=self.max_length)
+                input_ids = torch.tensor(encoded['input_ids'])
+                labels = torch.tensor(encoded['labels'])
         except ValueError as err:
             raise DataError(f'{self.describe(index)}: {err}') from err
-        item = dict(input_ids=torch.tensor(encoded['input_ids']),
-                    labels=torch.tensor(encoded['labels']),
-                    pixel_values=pixel_values, index=index)
+        item = dict(input_ids=input_ids, labels=labels, pixel_values=pixel_values, index=index)
         if self.box_entries is not None:
             item['boxes'] = boxes
         return item

@@ -2,7 +2,8 @@
 
 ``bench train`` trains the same tiny LLaVA (same HF weights on disk, same projector init,
 same samples in the same global batches, same optimiser) twice in one process, with
-mllm's ``LLaVAModel`` + ``LLaVADataset`` + ``packed_llava_collate`` and with XTuner's
+mllm's ``LLaVAModel`` + ``LLaVADataset`` (offline token cache) + ``flat_llava_collate``
+(padding-free batches) and with XTuner's
 ``LLaVAModel`` + ``LLaVADataset`` + ``default_collate_fn``, steps interleaved so machine
 noise hits both alike, and reports real (non-pad) tokens per second for each.
 
@@ -123,9 +124,10 @@ def _xtuner_map_fn(example):
 
 
 def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int,
-                    patch_size: int, attn: str = 'sdpa'):
+                    patch_size: int, attn: str = 'sdpa', token_cache: Optional[str] = None):
     """mllm's LLaVAModel (projector + LLM train, vision frozen: the finetune recipe) and
-    LLaVADataset."""
+    LLaVADataset, reading its offline tokenisation cache under ``token_cache`` (built
+    first), as XTuner's path reads its offline folder."""
     import mllm.models  # noqa: F401  (registers the model parts)
     from mllm.datasets.image_processing import LLaVAImageProcessor
     from mllm.datasets.llava import LLaVADataset
@@ -140,7 +142,7 @@ def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int
                            template='vicuna_v1', image_folder=paths['image_folder'],
                            image_processor=LLaVAImageProcessor(size=image_size,
                                                                token_stride=patch_size),
-                           max_length=4096)
+                           max_length=4096, token_cache=token_cache)
     return model, dataset
 
 
@@ -282,8 +284,8 @@ class _XtunerPath(_Path):
 
 
 def _mllm_collate(instances):
-    from mllm.datasets.collate import packed_llava_collate
-    batch = packed_llava_collate(instances)
+    from mllm.datasets.collate import flat_llava_collate
+    batch = flat_llava_collate(instances)
     batch['sample_ids'] = sorted(i for row in batch.pop('sample_rows') for i in row)
     return batch
 
@@ -317,13 +319,14 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
         losses, token and padding counts behind them.
     """
     warmup = min(3, steps // 2) if warmup is None else warmup
-    from mllm.datasets.collate import packed_llava_collate
+    from mllm.datasets.collate import flat_llava_collate
     if steps <= warmup:
         raise ValueError(f'steps ({steps}) must exceed warmup ({warmup})')
     paths = write_bench_data(osp.join(work_dir, 'data'), num_samples, seed)
     ckpt = save_tiny_checkpoints(osp.join(work_dir, 'ckpt'), llm_layers=llm_layers, seed=seed)
     torch.manual_seed(seed)
-    ours, our_data = build_mllm_path(paths, ckpt, TINY_VIT['image_size'], TINY_VIT['patch_size'])
+    ours, our_data = build_mllm_path(paths, ckpt, TINY_VIT['image_size'], TINY_VIT['patch_size'],
+                                     token_cache=osp.join(work_dir, 'mllm_token_cache'))
     theirs, their_data = build_xtuner_path(paths, ckpt, TINY_VIT['image_size'], work_dir)
     copy_projector(ours, theirs)
     batches = grouped_batches(their_data, batch_size, steps, seed, sampler)
@@ -338,7 +341,7 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
             raise AssertionError(f'step {k}: the paths saw different samples')
     lengths = [len(our_data.encode(i)['input_ids']) for i in range(len(our_data))]
     tokens = [sum(lengths[i] for i in b) for b in batches]
-    packed = [packed_llava_collate([dict(input_ids=[0] * lengths[i]) for i in b])['input_ids']
+    packed = [flat_llava_collate([dict(input_ids=[0] * lengths[i]) for i in b])['input_ids']
               for b in batches[warmup:]]
     timed = sum(tokens[warmup:])
     result = {f'{r.name}_tokens_per_s': timed / sum(r.seconds[warmup:]) for r in runs}
@@ -532,9 +535,10 @@ def _rate(fn, items, min_seconds: float = 1.0) -> float:
 def bench_data(work_dir: str, num_images: int = 8, source_size=(640, 480)) -> dict:
     """Images/s of one worker (one process, one thread): JPEG decode + pad to square +
     resize + normalise at each resolution, and UHD slicing of a 672x1008 image; token-
-    isation samples/s of mllm's on-the-fly encoding against reading XTuner's offline
-    pre-tokenised arrow folder; MG-LLaVA's mapping of 20 boxes per image. Sources are
-    640x480 JPEGs (COCO's typical size, the bulk of LLaVA-665K).
+    isation samples/s of mllm's on-the-fly encoding, of reading mllm's offline token cache
+    and of reading XTuner's offline pre-tokenised arrow folder; MG-LLaVA's mapping of 20
+    boxes per image. Sources are 640x480 JPEGs (COCO's typical size, the bulk of
+    LLaVA-665K).
     """
     from PIL import Image
 
@@ -598,7 +602,19 @@ def _bench_tokenisation(work_dir: str) -> dict:
         build_xtuner_path(paths, save_tiny_checkpoints(osp.join(work_dir, 'ckpt')), 64, work_dir)
     offline = load_from_disk(text_dir)
     cached = _rate(lambda i: offline[i]['input_ids'], range(len(offline)))
-    return dict(tokenise_samples_per_s=online, offline_cache_samples_per_s=cached)
+    # mllm's own offline cache (LLaVADataset(token_cache=...)): built once, then read back
+    # with the image sentinel expanded to 576 tokens and max_length applied
+    start = time.perf_counter()
+    token_cache = LLaVADataset(paths['data_path'], tokenizer=dict(pretrained=paths['tokenizer']),
+                               template='vicuna_v1', image_processor=dict(
+                                   type='LLaVAImageProcessor', size=336), max_length=4096,
+                               token_cache=osp.join(work_dir, 'mllm_token_cache')).token_cache
+    build_seconds = time.perf_counter() - start
+    images = ['<image>' in c[0]['value'] for c in samples]
+    ours = _rate(lambda i: token_cache.get(i, 576 if images[i] else 0, 4096), range(len(images)))
+    return dict(tokenise_samples_per_s=online, offline_cache_samples_per_s=cached,
+                mllm_token_cache_samples_per_s=ours,
+                mllm_token_cache_build_seconds=build_seconds)
 
 
 # ------------------------------------------------------------------------------- scaling

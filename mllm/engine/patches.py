@@ -182,6 +182,50 @@ def deepspeed_checkpoint_loading() -> None:
     TorchCheckpointEngine.load = load
 
 
+def sdpa_segment_masks() -> None:
+    """transformers 4.48 takes attention masks as dense tensors only: ``_update_causal_mask``
+    (Llama, Mistral, Qwen2, Phi-3) expands a 2-D padding mask to (B, 1, T, T) and SDPA
+    reads it in full. mllm's packed batches pass a 1-D tensor of segment boundaries
+    instead (``mllm.models.varlen_attention``; transformers never makes a 1-D mask): let
+    ``_update_causal_mask`` return it unchanged and route it, in the SDPA attention
+    function, to one causal SDPA call per segment. Every other mask keeps upstream's path."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaModel
+    from transformers.models.mistral.modeling_mistral import MistralModel
+    from transformers.models.phi3.modeling_phi3 import Phi3Model
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+    from mllm.models.varlen_attention import is_segment_mask, segment_sdpa_attention
+
+    for cls in (LlamaModel, MistralModel, Qwen2Model, Phi3Model):
+        original = cls._update_causal_mask
+        if hasattr(original, 'passes_segments'):
+            continue
+
+        def update_causal_mask(self, attention_mask, *args, _original=original, **kwargs):
+            if is_segment_mask(attention_mask):
+                return attention_mask
+            return _original(self, attention_mask, *args, **kwargs)
+
+        update_causal_mask.passes_segments = original
+        cls._update_causal_mask = update_causal_mask
+
+    sdpa = ALL_ATTENTION_FUNCTIONS['sdpa']
+    if hasattr(sdpa, 'passes_segments'):
+        return
+
+    def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                       **kwargs):
+        if is_segment_mask(attention_mask):
+            return segment_sdpa_attention(module, query, key, value, attention_mask,
+                                          dropout=dropout, scaling=scaling)
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout,
+                    scaling=scaling, **kwargs)
+
+    sdpa_attention.passes_segments = sdpa
+    ALL_ATTENTION_FUNCTIONS['sdpa'] = sdpa_attention
+
+
 def apply_all(cfg, launcher: str = 'none') -> None:
     patch_checkpoint_loading()
     cpu_optim_wrapper(cfg)

@@ -12,6 +12,7 @@ from mmengine.model import BaseModel
 
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mllm.models.lora import apply_lora
+from mllm.models.varlen_attention import segment_starts, supports_varlen
 from mllm.registry import MODELS
 
 # Decoder families whose logits are plain ``lm_head(hidden)``: the loss may skip the head
@@ -164,19 +165,22 @@ class LLaVAModel(BaseModel):
                 position_ids: Optional[torch.Tensor] = None,
                 **unused) -> Dict[str, torch.Tensor]:
         """``position_ids`` without ``attention_mask`` is a packed batch
-        (``packed_llava_collate``): every sample attends only to itself."""
+        (``packed_llava_collate``, ``flat_llava_collate``): every sample attends only to
+        itself, through per-segment SDPA where the LLM supports it
+        (``mllm.models.varlen_attention``), else a block-diagonal mask."""
+        if mode not in ('loss', 'tensor'):
+            raise ValueError(f"mode must be 'loss' or 'tensor' (use generate() to predict), "
+                             f'got {mode!r}')
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, boxes=boxes)
         if position_ids is not None and attention_mask is None:
             attention_mask = self._packed_attention_mask(position_ids, inputs_embeds.dtype)
         kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=False)
-        if mode == 'loss':
-            if labels is not None and self._decoder_and_head() is not None:
-                return {'loss': self._answer_loss(labels, **kwargs)}
-            return {'loss': self.llm(labels=labels, **kwargs).loss}
         if mode == 'tensor':
             return self.llm(**kwargs).logits
-        raise ValueError(f"mode must be 'loss' or 'tensor' (use generate() to predict), got {mode!r}")
+        if labels is not None and self._decoder_and_head() is not None:
+            return {'loss': self._answer_loss(labels, **kwargs)}
+        return {'loss': self.llm(labels=labels, **kwargs).loss}
 
     def _decoder_and_head(self):
         """(decoder, lm_head) of LLMs whose logits are just ``lm_head(hidden)`` (no logit
@@ -202,10 +206,16 @@ class LLaVAModel(BaseModel):
 
     def _packed_attention_mask(self, position_ids: torch.Tensor,
                                dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """Block-diagonal causal mask (B, 1, T, T), additive as HF expects a 4-D mask;
-        None for flash-attention-2, whose varlen path reads sample starts from the
-        position ids (no T x T mask at all)."""
-        if getattr(self.llm.config, '_attn_implementation', None) == 'flash_attention_2':
+        """The attention mask of a packed batch: segment boundaries (1-D, no T x T mask)
+        for LLMs that ``supports_varlen``; None for flash-attention-2, whose varlen path
+        reads sample starts from the position ids; else a block-diagonal causal mask
+        (B, 1, T, T), additive as HF expects a 4-D mask."""
+        config = self.llm.config
+        if supports_varlen(config):
+            from mllm.engine.patches import sdpa_segment_masks
+            sdpa_segment_masks()  # once; later calls return at once
+            return segment_starts(position_ids)
+        if getattr(config, '_attn_implementation', None) == 'flash_attention_2':
             return None
         segment = (position_ids == 0).cumsum(-1)  # (B, T): sample number within the row
         same = segment.unsqueeze(-1) == segment.unsqueeze(-2)  # (B, T, T)

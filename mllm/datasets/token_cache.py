@@ -1,0 +1,125 @@
+"""Offline tokenisation cache for ``LLaVADataset``: tokenise a data file once, reuse it.
+
+Every conversation is encoded with ONE image sentinel per image; the dataset expands that
+sentinel into the image's token count when it reads the sample (the count depends on the
+image and the processor, the text around it does not: ``encode_conversation`` tokenises
+the text on either side of an image run separately), then truncates to ``max_length``
+exactly as ``encode_conversation`` does. So one cache serves every image processor and
+``max_length``.
+
+A cache is a folder ``<cache_dir>/<key>/`` of numpy arrays, memory-mapped by readers (data
+loader workers share the pages): ``ids.npy`` (int32, all samples concatenated),
+``learned.npy`` (bool, label = id there, else ``IGNORE_INDEX``), ``offsets.npy`` (int64,
+n + 1) and ``errors.json`` (encoding errors by sample index). The key hashes the data
+file's bytes, the tokenizer (vocabulary, merges, normaliser, special tokens), the chat
+template and the cache format, so changing any of them builds a new cache.
+"""
+import hashlib
+import json
+import os
+import os.path as osp
+import shutil
+import tempfile
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+CACHE_FORMAT = 1  # bump when the stored layout or the encoding rules change
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Text that changes whenever the tokenizer would encode differently."""
+    backend = getattr(tokenizer, 'backend_tokenizer', None)
+    body = (backend.to_str() if backend is not None
+            else json.dumps(sorted(tokenizer.get_vocab().items())))
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    return json.dumps([type(tokenizer).__name__, body, special, tokenizer.bos_token_id,
+                       tokenizer.eos_token_id])
+
+
+def cache_key(data_path: str, tokenizer, template) -> str:
+    """sha256 (hex, 24 chars) of the data file, tokenizer, template and cache format."""
+    digest = hashlib.sha256()
+    with open(data_path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    digest.update(repr(template).encode())  # ChatTemplate: a frozen dataclass, all fields
+    digest.update(f'format {CACHE_FORMAT}'.encode())
+    return digest.hexdigest()[:24]
+
+
+class TokenCache:
+    """Read side of one cache folder (see the module docstring)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.ids = np.load(osp.join(folder, 'ids.npy'), mmap_mode='r')
+        self.learned = np.load(osp.join(folder, 'learned.npy'), mmap_mode='r')
+        self.offsets = np.load(osp.join(folder, 'offsets.npy'))
+        with open(osp.join(folder, 'errors.json')) as f:
+            self.errors = {int(k): v for k, v in json.load(f).items()}
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def get(self, index: int, num_image_tokens: int,
+            max_length: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of sample ``index`` with its image sentinel expanded to
+        ``num_image_tokens``; ``ValueError`` as ``encode_conversation`` raises it."""
+        if index in self.errors:
+            raise ValueError(self.errors[index])
+        start, end = self.offsets[index], self.offsets[index + 1]
+        ids = torch.from_numpy(self.ids[start:end].astype(np.int64))
+        labels = ids.masked_fill(~torch.from_numpy(self.learned[start:end].copy()), IGNORE_INDEX)
+        if num_image_tokens:
+            at = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten()
+            if len(at) != 1:
+                raise ValueError(f'the text has {len(at)} image runs but one image')
+            k = int(at[0])
+            run = torch.full((num_image_tokens,), IMAGE_TOKEN_INDEX)
+            ids = torch.cat([ids[:k], run, ids[k + 1:]])
+            labels = torch.cat([labels[:k], run.fill_(IGNORE_INDEX), labels[k + 1:]])
+        if max_length is not None and len(ids) > max_length:  # encode_conversation's rule
+            if (ids[max_length:] == IMAGE_TOKEN_INDEX).any():
+                raise ValueError(f'truncating to max_length={max_length} would cut image '
+                                 f'tokens (full length {len(ids)}); raise max_length or drop '
+                                 'the sample')
+            ids, labels = ids[:max_length], labels[:max_length]
+        return ids, labels
+
+
+def build_cache(folder: str, num_samples: int,
+                encode: Callable[[int], Tuple[List[int], List[int]]]) -> None:
+    """Write a cache of ``encode(i)`` -> (ids, labels) for every sample into ``folder``.
+
+    Written to a temporary folder beside it and renamed, so readers never see a partial
+    cache; when another process got there first, its cache is kept."""
+    parent = osp.dirname(osp.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    ids, learned, offsets, errors = [], [], [0], {}
+    for i in range(num_samples):
+        try:
+            sample_ids, labels = encode(i)
+        except ValueError as err:
+            errors[i], sample_ids, labels = str(err), [], []
+        ids.append(np.asarray(sample_ids, dtype=np.int32))
+        learned.append(np.asarray(labels) != IGNORE_INDEX)
+        offsets.append(offsets[-1] + len(sample_ids))
+    tmp = tempfile.mkdtemp(prefix='.building-', dir=parent)
+    try:
+        np.save(osp.join(tmp, 'ids.npy'), np.concatenate(ids) if ids else np.zeros(0, np.int32))
+        np.save(osp.join(tmp, 'learned.npy'),
+                np.concatenate(learned) if learned else np.zeros(0, bool))
+        np.save(osp.join(tmp, 'offsets.npy'), np.asarray(offsets, dtype=np.int64))
+        with open(osp.join(tmp, 'errors.json'), 'w') as f:
+            json.dump(errors, f)
+        os.rename(tmp, folder)
+    except OSError:
+        if not osp.isdir(folder):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
