@@ -365,3 +365,5 @@ def test_demo_max_iters_stretches_the_schedule():
     assert options == ['train_cfg.max_iters=1500', 'param_scheduler.1.end=1500']
     cfg = load_config(TINY, {k: int(v) for k, v in (o.split('=') for o in options)})
     assert cfg.param_scheduler[0].end == 50 and cfg.param_scheduler[1].end == 1500
+    # shorter than the warm-up (smoke runs): the cosine never starts, so it is not moved
+    assert schedule_options(DEMO_MODELS['tiny_llava'][0], 4) == ['train_cfg.max_iters=4']

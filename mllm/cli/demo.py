@@ -47,7 +47,8 @@ def schedule_options(config_path: str, max_iters: int) -> List[str]:
     cfg = Config.fromfile(config_path)
     options = [f'train_cfg.max_iters={max_iters}']
     for i, scheduler in enumerate(cfg.get('param_scheduler') or []):
-        if scheduler.get('end') == cfg.train_cfg.max_iters:
+        # a scheduler that would begin after the last step never runs: leave it as it is
+        if scheduler.get('end') == cfg.train_cfg.max_iters and scheduler.get('begin', 0) < max_iters:
             options.append(f'param_scheduler.{i}.end={max_iters}')
     return options
 
