@@ -271,6 +271,13 @@ def encode_conversation(conversations: Sequence[dict], tokenizer,
     """
     ids, labels = _prepare(conversations, tokenizer, template,
                            num_image_tokens, last='gpt')
+    ids, labels = truncate_to_max_length(ids, labels, max_length)
+    return dict(input_ids=ids, labels=labels)
+
+
+def truncate_to_max_length(ids, labels, max_length: Optional[int]):
+    """(ids, labels) cut to ``max_length`` (lists or 1-D tensors alike); raises if that
+    would drop any image token (the image features would no longer match)."""
     if max_length is not None and len(ids) > max_length:
         if IMAGE_TOKEN_INDEX in ids[max_length:]:
             raise ValueError(f'truncating to max_length={max_length} would '
@@ -278,7 +285,7 @@ def encode_conversation(conversations: Sequence[dict], tokenizer,
                              f'{len(ids)}); raise max_length or drop the '
                              'sample')
         ids, labels = ids[:max_length], labels[:max_length]
-    return dict(input_ids=ids, labels=labels)
+    return ids, labels
 
 
 def build_generation_prompt(conversations: Sequence[dict], tokenizer,

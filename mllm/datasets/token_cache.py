@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, truncate_to_max_length
 
 CACHE_FORMAT = 1  # bump when the stored layout or the encoding rules change
 
@@ -83,13 +83,7 @@ class TokenCache:
             run = torch.full((num_image_tokens,), IMAGE_TOKEN_INDEX)
             ids = torch.cat([ids[:k], run, ids[k + 1:]])
             labels = torch.cat([labels[:k], run.fill_(IGNORE_INDEX), labels[k + 1:]])
-        if max_length is not None and len(ids) > max_length:  # encode_conversation's rule
-            if (ids[max_length:] == IMAGE_TOKEN_INDEX).any():
-                raise ValueError(f'truncating to max_length={max_length} would cut image '
-                                 f'tokens (full length {len(ids)}); raise max_length or drop '
-                                 'the sample')
-            ids, labels = ids[:max_length], labels[:max_length]
-        return ids, labels
+        return truncate_to_max_length(ids, labels, max_length)  # encode_conversation's rule
 
 
 def build_cache(folder: str, num_samples: int,
