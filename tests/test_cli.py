@@ -125,6 +125,22 @@ def test_overrides_bind_late_and_unknown_keys_are_rejected(capsys):
     assert "no top-level key 'nope'" in capsys.readouterr().err
 
 
+def test_partial_override_at_the_bound_place_merges_into_the_component():
+    # `model.vision_encoder.x=...` must not replace the bound encoder by {x: ...} (a KeyError on 'type')
+    conv = 'configs/tiny/tiny_convllava_synthetic.py'
+    cfg = load_config(conv, {'model.vision_encoder.model_kwargs.ls_init_value': 1.0,
+                             'train_dataloader.dataset.image_processor.size': 128})
+    encoder = cfg.model.vision_encoder
+    assert encoder.type == 'ConvNeXtEncoder' and encoder.model_kwargs.ls_init_value == 1.0
+    assert tuple(encoder.model_kwargs.dims) == (16, 32, 64, 128)
+    processor = cfg.train_dataloader.dataset.image_processor
+    assert processor.size == 128 and processor.token_stride == 32
+    assert 'ls_init_value' not in cfg.vision_encoder.model_kwargs  # the top-level key is untouched
+    # a complete component at the target still wins
+    cfg = load_config(conv, {'model.vision_encoder': dict(type='CLIPVisionEncoder')})
+    assert cfg.model.vision_encoder == dict(type='CLIPVisionEncoder')
+
+
 def test_registry_builds_by_name_in_the_mllm_scope():
     from mmengine.registry import MODELS as ROOT_MODELS, DefaultScope
 

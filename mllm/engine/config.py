@@ -7,6 +7,7 @@ here, after overrides, so a backbone swap is a two-line file that lists another 
 (MMEngine forbids two bases defining one key, which rules out putting ``model.llm`` in
 the LLM base) and ``--cfg-options llm.pretrained=...`` reaches the built model.
 """
+import copy
 import os
 from typing import Optional, Sequence
 
@@ -15,7 +16,7 @@ from mmengine.config import Config, DictAction  # noqa: F401  (DictAction re-exp
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_ROOT = os.path.join(PACKAGE_ROOT, 'configs')
 
-# (top-level key, where it is bound) pairs; a value already set at the target wins.
+# (top-level key, where it is bound) pairs; a complete value already set at the target wins.
 MODEL_BINDINGS = ('llm', 'vision_encoder', 'high_res_encoder')
 DATASET_BINDINGS = ('tokenizer', 'template', 'image_processor')
 DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -34,6 +35,19 @@ def find_config(name: str) -> str:
                             'see `mllm list-cfg`)')
 
 
+def _bind(target, key: str, cfg: Config) -> None:
+    """Bind top-level ``cfg[key]`` into ``target[key]``. A partial value at the target (no
+    ``type``, e.g. from ``--cfg-options model.vision_encoder.model_kwargs.x=1``) is merged
+    over the top-level component rather than replacing it."""
+    if key not in cfg:
+        return
+    current = target.get(key)
+    if current is None:
+        target[key] = cfg[key]
+    elif isinstance(current, dict) and 'type' not in current and isinstance(cfg[key], dict):
+        target[key] = Config._merge_a_into_b(current, copy.deepcopy(cfg[key]))
+
+
 def _bind_dataset(dataset, cfg: Config) -> None:
     if dataset is None:
         return
@@ -42,8 +56,7 @@ def _bind_dataset(dataset, cfg: Config) -> None:
             _bind_dataset(sub, cfg)
         return
     for key in DATASET_BINDINGS:
-        if key in cfg and dataset.get(key) is None:
-            dataset[key] = cfg[key]
+        _bind(dataset, key, cfg)
 
 
 def _signature_keys(component_cfg) -> set:
@@ -91,8 +104,7 @@ def bind_components(cfg: Config) -> Config:
     model = cfg.get('model')
     if model is not None:
         for key in MODEL_BINDINGS:
-            if key in cfg and model.get(key) is None:
-                model[key] = cfg[key]
+            _bind(model, key, cfg)
         # a slicing processor makes as many tokens per slice as the resampler has queries
         processor, projector = cfg.get('image_processor'), model.get('projector') or {}
         if processor is not None and 'tokens_per_unit' in _signature_keys(processor) \
