@@ -154,6 +154,60 @@ def test_answer_only_head_equals_hf_loss(trainable_model):
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
 
 
+# the four decoder families decode_learned_rows mirrors, as tiny random configs
+_FAMILIES = {
+    'llama': dict(model_type='llama'),
+    'mistral': dict(model_type='mistral', sliding_window=None),
+    'qwen2': dict(model_type='qwen2', use_sliding_window=False),
+    'phi3': dict(model_type='phi3', pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                 attention_dropout=0.0),
+}
+
+
+@pytest.mark.parametrize('family', sorted(_FAMILIES))
+@pytest.mark.parametrize('layout', ['padded', 'flat'])
+@pytest.mark.parametrize('checkpointing', [False, True])
+def test_answer_only_last_layer_equals_full_decoder(tiny_model_cfg, family, layout,
+                                                     checkpointing):
+    """The last layer's MLP at learned positions only gives HF's loss and every gradient,
+    padded or flat (segment masks), with and without gradient checkpointing; and the MLP
+    does see only those positions."""
+    from conftest import TINY_LLM_CONFIG
+    cfg = dict(tiny_model_cfg, trainable=['projector', 'llm'],
+               gradient_checkpointing=checkpointing)
+    cfg['llm'] = dict(type='HFCausalLM', attn_implementation='sdpa',
+                      config=dict(TINY_LLM_CONFIG, **_FAMILIES[family]))
+    torch.manual_seed(0)
+    model = MODELS.build(cfg)
+    with torch.no_grad():  # larger weights than HF's init, so every part moves the loss
+        for p in model.llm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.train()
+    instances = _instances([25, 40, 9, 33])
+    batch = (llava_collate if layout == 'padded' else flat_llava_collate)(instances)
+    learned = int((batch['labels'][:, 1:] != -100).sum())
+    mlp_rows = []
+    last_mlp = model.llm.get_decoder().layers[-1].mlp
+    hook = last_mlp.register_forward_hook(lambda m, i, o: mlp_rows.append(i[0].shape[:-1].numel()))
+    ours = _loss_and_grads(model, batch)
+    hook.remove()
+    model.answer_only_last_layer = False
+    reference = _loss_and_grads(model, batch)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-6, atol=1e-6)
+    for got, want in zip(ours[1:], reference[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # HF's own loss (full logits), for the padded layout it can take
+    if layout == 'padded':
+        embeds = model.embed_inputs(batch['input_ids'], batch['pixel_values'])
+        hf = model.llm(inputs_embeds=embeds, attention_mask=batch['attention_mask'],
+                       labels=batch['labels']).loss
+        torch.testing.assert_close(ours[0], hf, rtol=1e-5, atol=1e-6)
+    # the MLP ran at the learned positions only (once more when checkpointing recomputes)
+    assert mlp_rows == [learned] * (2 if checkpointing else 1)
+    assert learned < batch['input_ids'].numel() // 2
+
+
 def test_mllm_loss_equals_stock_xtuner_loss(saved_tiny_checkpoints, tiny_model_cfg):
     """Same weights, same batch: mllm's packed path gives stock XTuner LLaVAModel's loss."""
     from transformers import AutoModelForCausalLM, CLIPVisionModel

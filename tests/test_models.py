@@ -286,13 +286,14 @@ def test_unknown_trainable_prefix_lists_the_parts(tiny_model_cfg, bad):
 
 
 def capture_inputs_embeds(model):
-    """Record the ``inputs_embeds`` the LLM's decoder is called with (the loss path calls
-    the decoder itself, to apply the LM head only where labels are learned)."""
+    """Record the ``inputs_embeds`` the LLM's first decoder layer gets (the loss path runs
+    the decoder layers itself, to apply the last MLP and the LM head only where labels are
+    learned)."""
     seen = []
 
-    def hook(module, args, kwargs):
-        seen.append(kwargs['inputs_embeds'].detach().clone())
-    return seen, model.llm.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    def hook(module, args):
+        seen.append(args[0].detach().clone())
+    return seen, model.llm.get_decoder().layers[0].register_forward_pre_hook(hook)
 
 
 def test_image_features_land_exactly_at_the_image_tokens(tiny_model_cfg, tiny_tokenizer):

@@ -35,6 +35,9 @@ def add_arguments(parser):
     parser.add_argument('--sampler', choices=['grouped', 'random'], default='grouped',
                         help="train: XTuner's finetune sampler (length-grouped, default) or "
                         'its pretrain sampler (random batches)')
+    parser.add_argument('--full-last-layer', action='store_true',
+                        help="train: mllm runs HF's full last decoder layer (answer_only_last_layer"
+                        '=False), to see what running its MLP at learned positions only saves')
     parser.add_argument('--samples', type=int, default=512,
                         help='train: size of the generated data set (default 512)')
     parser.add_argument('--config', help='step/project: the recipe (e.g. '
@@ -74,7 +77,8 @@ def run(args) -> int:
             result = benchmark.bench_train(work_dir, steps=args.steps or 30,
                                            batch_size=args.batch_size or 16,
                                            llm_layers=args.llm_layers,
-                                           num_samples=args.samples, sampler=args.sampler)
+                                           num_samples=args.samples, sampler=args.sampler,
+                                           answer_only_last_layer=not args.full_last_layer)
         elif args.mode == 'data':
             result = benchmark.bench_data(work_dir)
         elif args.mode == 'scale':

@@ -124,7 +124,8 @@ def _xtuner_map_fn(example):
 
 
 def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int,
-                    patch_size: int, attn: str = 'sdpa', token_cache: Optional[str] = None):
+                    patch_size: int, attn: str = 'sdpa', token_cache: Optional[str] = None,
+                    answer_only_last_layer: bool = True):
     """mllm's LLaVAModel (projector + LLM train, vision frozen: the finetune recipe) and
     LLaVADataset, reading its offline tokenisation cache under ``token_cache`` (built
     first), as XTuner's path reads its offline folder."""
@@ -135,6 +136,7 @@ def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int
 
     model = MODELS.build(dict(
         type='LLaVAModel', trainable=['projector', 'llm'],
+        answer_only_last_layer=answer_only_last_layer,
         llm=dict(type='HFCausalLM', pretrained=ckpt['llm'], attn_implementation=attn),
         vision_encoder=dict(type='CLIPVisionEncoder', pretrained=ckpt['vision'],
                             select_layer=-2)))
@@ -299,7 +301,8 @@ def _xtuner_collate(instances):
 
 def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Optional[int] = None,
                 num_samples: int = 512, seed: int = 0, lr: float = 2e-5,
-                llm_layers: int = 2, sampler: str = 'grouped') -> dict:
+                llm_layers: int = 2, sampler: str = 'grouped',
+                answer_only_last_layer: bool = True) -> dict:
     """Train mllm's and XTuner's path side by side; tokens/s of both and their ratio.
 
     Args:
@@ -313,6 +316,8 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
         llm_layers: decoder layers of the tiny LLM. Defaults to 2.
         sampler: 'grouped' (XTuner's finetune sampler) or 'random' (its pretrain
             sampler); see ``grouped_batches``. Defaults to 'grouped'.
+        answer_only_last_layer: mllm's model option (``LLaVAModel``); False runs HF's
+            full last decoder layer. Defaults to True.
 
     Returns:
         dict with ``mllm_tokens_per_s``, ``xtuner_tokens_per_s``, ``ratio`` and the
@@ -326,7 +331,8 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
     ckpt = save_tiny_checkpoints(osp.join(work_dir, 'ckpt'), llm_layers=llm_layers, seed=seed)
     torch.manual_seed(seed)
     ours, our_data = build_mllm_path(paths, ckpt, TINY_VIT['image_size'], TINY_VIT['patch_size'],
-                                     token_cache=osp.join(work_dir, 'mllm_token_cache'))
+                                     token_cache=osp.join(work_dir, 'mllm_token_cache'),
+                                     answer_only_last_layer=answer_only_last_layer)
     theirs, their_data = build_xtuner_path(paths, ckpt, TINY_VIT['image_size'], work_dir)
     copy_projector(ours, theirs)
     batches = grouped_batches(their_data, batch_size, steps, seed, sampler)
@@ -352,7 +358,7 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
         x / m for m, x in zip(runs[0].seconds[warmup:], runs[1].seconds[warmup:]))
     result.update(
         steps=steps, warmup=warmup, batch_size=batch_size, llm_layers=llm_layers,
-        sampler=sampler,
+        sampler=sampler, answer_only_last_layer=answer_only_last_layer,
         tokens_timed=timed,
         padded_tokens_xtuner=sum(max(lengths[i] for i in b) * len(b) for b in batches[warmup:]),
         padded_tokens_mllm=sum(rows.numel() for rows in packed),

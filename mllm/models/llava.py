@@ -11,6 +11,7 @@ import torch.distributed as dist
 from mmengine.model import BaseModel
 
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mllm.models.llms import decode_learned_rows
 from mllm.models.lora import apply_lora
 from mllm.models.varlen_attention import segment_starts, supports_varlen
 from mllm.registry import MODELS
@@ -52,6 +53,9 @@ class LLaVAModel(BaseModel):
             pretraining or ``('projector', 'llm')`` for finetuning. Everything else is frozen.
         lora: peft LoRA options for the LLM (see ``mllm.models.lora``). Defaults to None.
         gradient_checkpointing: recompute activations of the LLM and the vision encoder.
+        answer_only_last_layer: in the loss, run the LLM's last MLP only where a label is
+            learned (exact: nothing reads the other positions). Defaults to True; False is
+            HF's full last layer, for comparison.
     """
 
     def __init__(self,
@@ -61,9 +65,11 @@ class LLaVAModel(BaseModel):
                  trainable: Sequence[str] = ('projector',),
                  lora: Optional[dict] = None,
                  gradient_checkpointing: bool = False,
+                 answer_only_last_layer: bool = True,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self.answer_only_last_layer = answer_only_last_layer
         self.vision_encoder = MODELS.build(vision_encoder)
         self.llm = apply_lora(MODELS.build(llm), lora)
         self.projector = MODELS.build(projector, default_args=dict(
@@ -195,13 +201,19 @@ class LLaVAModel(BaseModel):
         Most positions are image tokens, the system prompt and questions (label
         ``IGNORE_INDEX``); HF computes (B, T, vocab) logits for all of them and drops them
         in the loss. Same mean cross-entropy over the same targets, a fraction of the
-        head's FLOPs and logits memory (a 128K vocabulary makes that large).
+        head's FLOPs and logits memory (a 128K vocabulary makes that large). With
+        ``answer_only_last_layer`` the last decoder layer's MLP and the final norm run at
+        those positions only too (``decode_learned_rows``).
         """
         decoder, head = self._decoder_and_head()
-        hidden = decoder(**llm_inputs).last_hidden_state  # (B, T, C)
         targets = labels[:, 1:]  # position t predicts token t + 1
         learned = targets != IGNORE_INDEX  # (B, T - 1)
-        logits = head(hidden[:, :-1][learned])  # (N, vocab)
+        rows = torch.nn.functional.pad(learned, (0, 1), value=False)  # (B, T)
+        if self.answer_only_last_layer:
+            hidden = decode_learned_rows(decoder, rows=rows, **llm_inputs)  # (N, C)
+        else:
+            hidden = decoder(**llm_inputs).last_hidden_state[:, :-1][learned]
+        logits = head(hidden)  # (N, vocab)
         return torch.nn.functional.cross_entropy(logits.float(), targets[learned])
 
     def _packed_attention_mask(self, position_ids: torch.Tensor,

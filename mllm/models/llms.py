@@ -1,4 +1,5 @@
 """Language models and tokenizers from Hugging Face folders or architecture dicts."""
+import functools
 from typing import Optional
 
 import torch
@@ -87,3 +88,63 @@ def build_tokenizer(cfg):
         # masked out of attention and loss, so any id works and unk/eos is conventional.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+# Decoders whose training forward (transformers 4.48: one generated body for all four)
+# ``decode_learned_rows`` mirrors
+MIRRORED_DECODERS = ('LlamaModel', 'MistralModel', 'Qwen2Model', 'Phi3Model')
+
+
+def decode_learned_rows(decoder: torch.nn.Module, inputs_embeds: torch.Tensor,
+                        rows: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                        position_ids: Optional[torch.Tensor] = None,
+                        **unused) -> torch.Tensor:
+    """The decoder's final (normed) hidden states at ``rows`` only: (N, C), row-major.
+
+    ``rows`` (B, T) marks the positions whose output is read (those that predict a learned
+    label). Every layer but the last runs in full, as HF's forward does; the last layer
+    needs its attention (keys and values) everywhere, but its MLP, residual and the final
+    norm only at ``rows``. Elsewhere their result would be dropped with the logits, and the
+    backward through them is zero. Same values, a layer's MLP less work at the positions
+    nobody reads (most of a LLaVA sample: image, system prompt, question).
+
+    Other decoder classes run in full, then select ``rows``.
+    """
+    if type(decoder).__name__ not in MIRRORED_DECODERS:
+        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False).last_hidden_state[rows]
+    length = inputs_embeds.shape[1]
+    cache_position = torch.arange(length, device=inputs_embeds.device)
+    if position_ids is None:
+        position_ids = cache_position.unsqueeze(0)
+    mask = decoder._update_causal_mask(attention_mask, inputs_embeds, cache_position, None, False)
+    position_embeddings = decoder.rotary_emb(inputs_embeds, position_ids)
+    layers = decoder.layers[:decoder.config.num_hidden_layers]
+    checkpointing = decoder.gradient_checkpointing and decoder.training
+    hidden = inputs_embeds
+    for layer in layers[:-1]:
+        if checkpointing:  # HF's own call, positional as in its forward
+            hidden = decoder._gradient_checkpointing_func(
+                layer.__call__, hidden, mask, position_ids, None, False, False, cache_position,
+                position_embeddings)[0]
+        else:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                           cache_position=cache_position,
+                           position_embeddings=position_embeddings)[0]
+    last = functools.partial(_last_layer_at_rows, layers[-1], decoder.norm)
+    args = (hidden, mask, position_ids, cache_position, position_embeddings, rows)
+    return decoder._gradient_checkpointing_func(last, *args) if checkpointing else last(*args)
+
+
+def _last_layer_at_rows(layer, norm, hidden, mask, position_ids, cache_position,
+                        position_embeddings, rows):
+    """A Llama-family decoder layer (Phi-3: plus its residual dropouts) and the final norm,
+    with everything after the attention at ``rows`` only."""
+    identity = torch.nn.Identity()
+    attended, _ = layer.self_attn(
+        hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
+        position_ids=position_ids, past_key_value=None, output_attentions=False,
+        use_cache=False, cache_position=cache_position, position_embeddings=position_embeddings)
+    hidden = (hidden + getattr(layer, 'resid_attn_dropout', identity)(attended))[rows]
+    mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
+    return norm(hidden + getattr(layer, 'resid_mlp_dropout', identity)(mlp_out))
