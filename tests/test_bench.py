@@ -208,6 +208,21 @@ def test_answer_only_last_layer_equals_full_decoder(tiny_model_cfg, family, layo
     assert learned < batch['input_ids'].numel() // 2
 
 
+def test_answer_only_last_layer_falls_back_outside_the_mirrored_release(trainable_model,
+                                                                       monkeypatch):
+    """Under another transformers release the loss runs HF's own decoder forward (full last
+    layer) rather than a mirror of a forward that may have changed; same loss."""
+    from mllm.models import llms
+    batch = llava_collate(_instances([25, 40, 9, 33]))
+    mirrored = trainable_model(**batch)['loss']
+    monkeypatch.setattr(llms, 'MIRRORED_TRANSFORMERS', '0.0.')
+    mlp_rows = []
+    last_mlp = trainable_model.llm.get_decoder().layers[-1].mlp
+    last_mlp.register_forward_hook(lambda m, i, o: mlp_rows.append(i[0].shape[:-1].numel()))
+    torch.testing.assert_close(trainable_model(**batch)['loss'], mirrored, rtol=1e-6, atol=1e-6)
+    assert mlp_rows == [batch['input_ids'].numel()]
+
+
 def test_mllm_loss_equals_stock_xtuner_loss(saved_tiny_checkpoints, tiny_model_cfg):
     """Same weights, same batch: mllm's packed path gives stock XTuner LLaVAModel's loss."""
     from transformers import AutoModelForCausalLM, CLIPVisionModel

@@ -91,8 +91,9 @@ def build_tokenizer(cfg):
 
 
 # Decoders whose training forward (transformers 4.48: one generated body for all four)
-# ``decode_learned_rows`` mirrors
+# ``decode_learned_rows`` mirrors; another transformers release runs HF's own forward
 MIRRORED_DECODERS = ('LlamaModel', 'MistralModel', 'Qwen2Model', 'Phi3Model')
+MIRRORED_TRANSFORMERS = '4.48.'
 
 
 def decode_learned_rows(decoder: torch.nn.Module, inputs_embeds: torch.Tensor,
@@ -108,9 +109,12 @@ def decode_learned_rows(decoder: torch.nn.Module, inputs_embeds: torch.Tensor,
     backward through them is zero. Same values, a layer's MLP less work at the positions
     nobody reads (most of a LLaVA sample: image, system prompt, question).
 
-    Other decoder classes run in full, then select ``rows``.
+    Other decoder classes, and any transformers other than 4.48, run in full, then select
+    ``rows``.
     """
-    if type(decoder).__name__ not in MIRRORED_DECODERS:
+    import transformers
+    if (type(decoder).__name__ not in MIRRORED_DECODERS or not decoder.config.num_hidden_layers
+            or not transformers.__version__.startswith(MIRRORED_TRANSFORMERS)):
         return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                        position_ids=position_ids, use_cache=False).last_hidden_state[rows]
     length = inputs_embeds.shape[1]
