@@ -8,4 +8,4 @@ image_processor = dict(token_stride=64)
 model = dict(trainable=['vision_encoder.stage5', 'projector'])
 
 # schedule: seed 000's stage-1 lr
-optim_wrapper = dict(optimizer=dict(lr=3e-4))
+optim_wrapper = dict(optimizer=dict(lr=3e-4), paramwise_cfg=None)  # one lr, as in the seed
