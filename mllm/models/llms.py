@@ -3,6 +3,7 @@ import functools
 from typing import Optional
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from mllm.models.hf_utils import from_pretrained_locally
@@ -94,6 +95,7 @@ def build_tokenizer(cfg):
 # ``decode_learned_rows`` mirrors; another transformers release runs HF's own forward
 MIRRORED_DECODERS = ('LlamaModel', 'MistralModel', 'Qwen2Model', 'Phi3Model')
 MIRRORED_TRANSFORMERS = '4.48.'
+_NO_DROPOUT = torch.nn.Identity()  # decoder layers without Phi-3's residual dropouts
 
 
 def decode_learned_rows(decoder: torch.nn.Module, inputs_embeds: torch.Tensor,
@@ -112,7 +114,6 @@ def decode_learned_rows(decoder: torch.nn.Module, inputs_embeds: torch.Tensor,
     Other decoder classes, and any transformers other than 4.48, run in full, then select
     ``rows``.
     """
-    import transformers
     if (type(decoder).__name__ not in MIRRORED_DECODERS or not decoder.config.num_hidden_layers
             or not transformers.__version__.startswith(MIRRORED_TRANSFORMERS)):
         return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -144,11 +145,10 @@ def _last_layer_at_rows(layer, norm, hidden, mask, position_ids, cache_position,
                         position_embeddings, rows):
     """A Llama-family decoder layer (Phi-3: plus its residual dropouts) and the final norm,
     with everything after the attention at ``rows`` only."""
-    identity = torch.nn.Identity()
     attended, _ = layer.self_attn(
         hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
         position_ids=position_ids, past_key_value=None, output_attentions=False,
         use_cache=False, cache_position=cache_position, position_embeddings=position_embeddings)
-    hidden = (hidden + getattr(layer, 'resid_attn_dropout', identity)(attended))[rows]
+    hidden = (hidden + getattr(layer, 'resid_attn_dropout', _NO_DROPOUT)(attended))[rows]
     mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
-    return norm(hidden + getattr(layer, 'resid_mlp_dropout', identity)(mlp_out))
+    return norm(hidden + getattr(layer, 'resid_mlp_dropout', _NO_DROPOUT)(mlp_out))
