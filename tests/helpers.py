@@ -2,8 +2,13 @@
 import glob
 import json
 import os
+import subprocess
+import sys
 
 from mllm.engine.config import CONFIG_ROOT
+
+REPO = os.path.dirname(CONFIG_ROOT)
+TINY = os.path.join(CONFIG_ROOT, 'tiny', 'tiny_llava_synthetic.py')
 
 
 def losses(work_dir):
@@ -13,6 +18,23 @@ def losses(work_dir):
         with open(path) as f:
             values += [json.loads(line)['loss'] for line in f if '"loss"' in line]
     return values
+
+
+def run_mllm(*args, env=None, pre=''):
+    """`python -m mllm ...`; ``pre`` is Python run first in the same process (fault injection)."""
+    code = f'{pre}\nimport sys\nfrom mllm.cli import main\nsys.exit(main(sys.argv[1:]))'
+    return subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def train(work_dir, synthetic, *extra, iters, config=TINY, options=(), env=None, pre=''):
+    """The tiny config on 48 samples, batch 12: 4 iterations per epoch."""
+    return run_mllm('train', config, '--work-dir', str(work_dir), *extra, '--cfg-options',
+                    f'train_cfg.max_iters={iters}', 'default_hooks.logger.interval=1',
+                    'default_hooks.checkpoint.interval=2', 'train_dataloader.batch_size=12',
+                    f'train_dataloader.dataset.data_path={synthetic["train"]}',
+                    f'train_dataloader.dataset.image_folder={synthetic["image_folder"]}',
+                    f'tokenizer.pretrained={synthetic["tokenizer"]}', *options, env=env, pre=pre)
 
 
 def swap_config(tmp_path, recipe, llm):

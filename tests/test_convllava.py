@@ -225,7 +225,7 @@ def train_stage(stage, work_dir, synthetic, load_from=None, iters=2):
     result = subprocess.run([*cmd, '--cfg-options', *options], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(work_dir / f'iter_{iters}.pth', weights_only=False)['state_dict']
+    return torch.load(work_dir / f'iter_{iters}.pth', weights_only=True)['state_dict']
 
 
 def model_after_load_from(stage, checkpoint, synthetic, work_dir):

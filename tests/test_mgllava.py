@@ -271,7 +271,7 @@ def test_tiny_mgllava_trains_and_chats_with_boxes(tmp_path, synthetic, capsys):
                              str(tmp_path), '--cfg-options', *options],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    state = torch.load(tmp_path / 'iter_3.pth', weights_only=False)['state_dict']
+    state = torch.load(tmp_path / 'iter_3.pth', weights_only=True)['state_dict']
     assert {'fusion.gate.0.weight', 'bbox_projector.linear_1.weight',
             'high_res_encoder.stem.0.weight'} <= set(state)
     # the fused path moved away from plain LLaVA

@@ -3,18 +3,13 @@ retention, non-finite steps skipped, bad samples skipped or fatal (issue 7)."""
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mllm.engine.config import CONFIG_ROOT
-from helpers import NAN_MODEL, losses
+from helpers import NAN_MODEL, REPO, TINY, losses, run_mllm, train  # noqa: F401 (re-exported)
 
-REPO = os.path.dirname(CONFIG_ROOT)
-TINY = os.path.join(CONFIG_ROOT, 'tiny', 'tiny_llava_synthetic.py')
 
 
 @pytest.fixture(scope='module')
@@ -24,27 +19,10 @@ def synthetic(tmp_path_factory):
                                   num_val=8)
 
 
-def run_mllm(*args, env=None, pre=''):
-    """`python -m mllm ...`; ``pre`` is Python run first in the same process (fault injection)."""
-    code = f'{pre}\nimport sys\nfrom mllm.cli import main\nsys.exit(main(sys.argv[1:]))'
-    return subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
-
-
-def train(work_dir, synthetic, *extra, iters, config=TINY, options=(), env=None, pre=''):
-    """The tiny config on 48 samples, batch 12: 4 iterations per epoch."""
-    return run_mllm('train', config, '--work-dir', str(work_dir), *extra, '--cfg-options',
-                    f'train_cfg.max_iters={iters}', 'default_hooks.logger.interval=1',
-                    'default_hooks.checkpoint.interval=2', 'train_dataloader.batch_size=12',
-                    f'train_dataloader.dataset.data_path={synthetic["train"]}',
-                    f'train_dataloader.dataset.image_folder={synthetic["image_folder"]}',
-                    f'tokenizer.pretrained={synthetic["tokenizer"]}', *options, env=env, pre=pre)
-
-
-
-
 def state(path):
-    return torch.load(path, weights_only=False)
+    """A checkpoint as mllm loads it: torch's safe loader, runner state decoded."""
+    from mllm.engine.checkpoint import load_checkpoint_file
+    return load_checkpoint_file(str(path))
 
 
 # ---------------------------------------------------------------- resume without replay
@@ -118,7 +96,7 @@ LocalBackend.put = dying_put
 '''
     killed = train(split, synthetic, iters=8, options=options, pre=kill_third_save)
     assert killed.returncode == 137
-    assert (split / 'last_checkpoint').read_text() == str(split / 'iter_4.pth')
+    assert (split / 'last_checkpoint').read_text() == 'iter_4.pth'  # relative: the dir may move
     assert (split / '.iter_6.pth.partial').exists() and not (split / 'iter_6.pth').exists()
     assert state(split / 'iter_4.pth')['meta']['iter'] == 4  # complete and loadable
 
@@ -129,7 +107,7 @@ LocalBackend.put = dying_put
     assert 'Advance dataloader' not in log  # MMEngine's replay is gone
     full_losses = losses(full)
     assert len(full_losses) == 8 and losses(split) == full_losses[:6] + full_losses[4:]
-    assert sorted(p.name for p in split.glob('*.pth*')) == ['iter_6.pth', 'iter_8.pth']
+    assert sorted(p.name for p in split.glob('*.pth')) == ['iter_6.pth', 'iter_8.pth']
     a, b = state(full / 'iter_8.pth'), state(split / 'iter_8.pth')
     assert a['state_dict'].keys() == b['state_dict'].keys()
     assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict'])
@@ -235,40 +213,34 @@ def test_bad_sample_policy_threshold_and_default_error(tmp_path, synthetic):
 
 # ---------------------------------------------------------------- security basics
 
-def logged_messages(monkeypatch):
-    """The messages ``mllm.engine.patches`` logs from now on (MMEngine's logger may be bound
-    to another test's stdout, so capsys cannot be relied on)."""
-    from mllm.engine import patches
-    messages = []
-    monkeypatch.setattr(patches, 'print_log', lambda msg, **kwargs: messages.append(msg))
-    return messages
+class Opaque:
+    """A class torch's safe loader does not know (any third-party object)."""
 
 
-def test_checkpoints_load_weights_only_first_with_a_logged_fallback(tmp_path, monkeypatch):
-    """Plain tensors load with weights_only=True; a checkpoint holding other objects
-    (runner state) loads only through the explicit, logged weights_only=False fallback,
-    for MMEngine's loader and DeepSpeed's checkpoint engine alike."""
+def test_checkpoints_load_only_through_the_safe_loader(tmp_path):
+    """MMEngine's loader and DeepSpeed's checkpoint engine both take weights and MMEngine's
+    ConfigDict with weights_only=True; any other object is refused, naming the class and
+    the flag, with no fallback to the full unpickler."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from mmengine.config import ConfigDict
     from mmengine.runner.checkpoint import CheckpointLoader
 
     from mllm.engine import patches
-    weights, runner_state = tmp_path / 'weights.pth', tmp_path / 'runner.pth'
+    from mllm.engine.checkpoint import CheckpointError
+    weights, runner_state, other = (tmp_path / n for n in ('w.pth', 'runner.pth', 'other.pth'))
     torch.save({'state_dict': {'w': torch.ones(2)}}, weights)
     torch.save({'state_dict': {'w': torch.ones(2)}, 'cfg': ConfigDict(a=1)}, runner_state)
+    torch.save({'state_dict': {'w': torch.ones(2)}, 'thing': Opaque()}, other)
     with pytest.raises(Exception, match='Weights only load failed'):
         torch.load(runner_state)  # what torch >= 2.6 does unpatched
 
     patches.patch_checkpoint_loading()
     patches.deepspeed_checkpoint_loading()
-    messages = logged_messages(monkeypatch)
-    assert torch.equal(CheckpointLoader.load_checkpoint(str(weights))['state_dict']['w'],
-                       torch.ones(2))
-    assert messages == []
     for load in (CheckpointLoader.load_checkpoint, TorchCheckpointEngine(None).load):
+        assert torch.equal(load(str(weights))['state_dict']['w'], torch.ones(2))
         assert load(str(runner_state))['cfg'] == ConfigDict(a=1)
-        assert messages.pop().startswith(f'{runner_state} holds non-tensor objects (runner '
-                                         'state); loading it with weights_only=False')
+        with pytest.raises(CheckpointError, match=r'test_reliability.Opaque\).*--trust-checkpoint'):
+            load(str(other))
 
 
 def test_remote_code_in_a_checkpoint_does_not_run_unless_the_config_asks(tmp_path):
@@ -301,25 +273,31 @@ def test_benchmark_image_names_may_not_escape_the_image_folder(tmp_path, name):
         benchmarks._image(str(folder), name)
 
 
-def test_timm_weights_file_loads_weights_only_first(tmp_path, monkeypatch):
+def test_timm_weights_file_loads_through_the_safe_loader(tmp_path):
     """ConvNeXtEncoder(backend='timm') loads a local file through timm, which would unpickle
-    it with weights_only=False; a plain state dict now loads without the fallback, a file
-    with other objects only through the logged one."""
+    it with weights_only=False; a plain state dict loads, a file with other objects only
+    once the user trusts it by name."""
     import timm
     from mmengine.config import ConfigDict
 
+    from mllm.engine import checkpoint
     from mllm.models.convnext import ConvNeXtEncoder
     tiny = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
     model = timm.create_model('convnext_atto', **tiny)
     plain, extra = tmp_path / 'plain.pth', tmp_path / 'extra.pth'
     torch.save(model.state_dict(), plain)
     torch.save({'state_dict': model.state_dict(), 'cfg': ConfigDict(a=1)}, extra)
-    messages = logged_messages(monkeypatch)
-    for path, falls_back in ((plain, False), (extra, True)):
-        encoder = ConvNeXtEncoder(backend='timm', model_name='convnext_atto', model_kwargs=tiny,
-                                  pretrained=str(path))
-        assert torch.equal(encoder.stages[3].blocks[0].conv_dw.weight,
-                           model.stages[3].blocks[0].conv_dw.weight)
-        logged = f'{path} holds non-tensor objects; loading it with weights_only=False'
-        assert [m for m in messages if m.startswith(logged)] == ([messages[-1]] if falls_back
-                                                                 else [])
+
+    def build(path):
+        return ConvNeXtEncoder(backend='timm', model_name='convnext_atto', model_kwargs=tiny,
+                               pretrained=str(path))
+
+    with pytest.raises(checkpoint.CheckpointError, match=f'--trust-checkpoint {extra}'):
+        build(extra)
+    checkpoint.trust_checkpoint(str(extra))
+    try:
+        for path in (plain, extra):
+            assert torch.equal(build(path).stages[3].blocks[0].conv_dw.weight,
+                               model.stages[3].blocks[0].conv_dw.weight)
+    finally:
+        checkpoint._trusted.clear()

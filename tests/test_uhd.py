@@ -277,5 +277,5 @@ def test_tiny_uhd_config_trains_through_the_cli(tmp_path):
     with open(scalars) as f:
         losses = [json.loads(line)['loss'] for line in f if '"loss"' in line]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    state = __import__('torch').load(tmp_path / 'run' / 'iter_6.pth', weights_only=False)
+    state = __import__('torch').load(tmp_path / 'run' / 'iter_6.pth', weights_only=True)
     assert any(k.startswith('projector.query') for k in state['state_dict'])

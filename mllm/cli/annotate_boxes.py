@@ -67,15 +67,13 @@ def find_images(folder: str):
 
 
 def load_rgb(folder: str, key: str):
-    from PIL import Image, UnidentifiedImageError
-
     from mllm.datasets.annotate import AnnotateError
+    from mllm.datasets.image_processing import ImageError, open_rgb
 
     path = os.path.join(folder, key)
     try:
-        with Image.open(path) as image:  # as the training loader reads it (no EXIF rotation)
-            return image.convert('RGB')
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
+        return open_rgb(path)  # as the training loader reads it (no EXIF rotation)
+    except (ImageError, OSError) as err:
         raise AnnotateError(f'{path}: cannot read image ({err})') from None
 
 

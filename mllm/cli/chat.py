@@ -26,6 +26,12 @@ def add_arguments(parser):
                         help='0 decodes greedily (default); > 0 samples')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='overrides for a config MODEL: key=value ...')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help="--checkpoint is a third-party file you trust: load it with torch's "
+                        'full unpickler if it needs it (that can run code stored in the file)')
+    parser.add_argument('--trust-remote-code', action='store_true',
+                        help='let the LLM and tokenizer run Python files that came with them '
+                        '(their auto_map); off by default, and a model folder cannot turn it on')
 
 
 def _questions(args):
@@ -77,7 +83,8 @@ def run(args) -> int:
     image = load_image(args.image)  # fail on bad input before loading the model
     box_entry = read_box_entry(args.boxes, args.image) if args.boxes else None
     model, tokenizer, image_processor, template = load_for_inference(
-        args.model, args.checkpoint, args.cfg_options)
+        args.model, args.checkpoint, args.cfg_options, args.trust_remote_code,
+        args.trust_checkpoint)
     conversation = []
     for question in _questions(args):
         # the image goes into the first turn, as in LLaVA's training data

@@ -1,6 +1,7 @@
 """``mllm check-data CONFIG``: validate every sample of the training data as training reads
 it (structure, image present and decodable, template encoding, length) and report each
-problem with its file and sample; ``--show N`` prints the first N encoded samples."""
+problem with its file and sample; exit 1 if there is any. Duplicate ids are warnings only.
+``--show N`` prints the first N encoded samples."""
 import json
 import sys
 
@@ -17,10 +18,23 @@ def add_arguments(parser):
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
 
 
+def duplicate_ids(samples):
+    """Yield (index, index of the first sample with the same id) for each repeated id."""
+    from mllm.datasets.llava import sample_id
+
+    first = {}
+    for index, sample in enumerate(samples):
+        sid = sample_id(sample)
+        if sid is not None:
+            key = json.dumps(sid, sort_keys=True)  # ids may be numbers or even objects
+            if key in first:
+                yield index, first[key]
+            else:
+                first[key] = index
+
+
 def sample_problems(dataset):
     """Yield (index, problem) for every sample; structure first, then image and encoding."""
-    from PIL import Image
-
     from mllm.datasets.llava import DataError
     from mllm.datasets.templates import IMAGE_TOKEN_INDEX, encode_conversation
 
@@ -59,6 +73,7 @@ def sample_problems(dataset):
 
 
 def run(args) -> int:
+    from mllm.datasets.llava import DataError, sample_id
     from mllm.engine.config import load_config
     from mllm.registry import DATASETS
 
@@ -68,24 +83,42 @@ def run(args) -> int:
         dataset_cfg['data_path'] = args.data
         dataset_cfg['image_folder'] = args.image_folder
     dataset_cfg['strict'] = False
-    dataset = DATASETS.build(dataset_cfg)
+    try:
+        dataset = DATASETS.build(dataset_cfg)
+    except DataError as err:  # the whole file: invalid JSON or UTF-8, no samples
+        if args.json:
+            print(json.dumps(dict(file=dataset_cfg['data_path'], problem=str(err))))
+        else:
+            print(err, file=sys.stderr)
+        return 1
     for index in range(min(args.show, len(dataset))):
         if any(i == index for i, _ in dataset.problems):
             continue
         item = dataset[index]
-        record = dict(index=index, id=dataset.samples[index].get('id'),
+        record = dict(index=index, id=sample_id(dataset.samples[index]),
                       input_ids=item['input_ids'].tolist(), labels=item['labels'].tolist())
         print(json.dumps(record) if args.json else
               f'{dataset.describe(index)}\n  input_ids: {record["input_ids"]}\n'
               f'  labels:    {record["labels"]}')
+    # a warning only: training does not need unique ids, but reports name samples by them
+    duplicates = list(duplicate_ids(dataset.samples))
+    for index, first in duplicates:
+        sid, places = sample_id(dataset.samples[index]), dataset.places
+        if args.json:
+            print(json.dumps(dict(file=dataset.data_path, place=places[index], id=sid,
+                                  warning=f'duplicate id, first at {places[first]}')))
+        else:
+            print(f'{dataset.data_path}: warning: duplicate id {sid!r} at {places[first]} and '
+                  f'{places[index]}', file=sys.stderr)
     problems = list(sample_problems(dataset))
     for index, problem in problems:
         if args.json:
             print(json.dumps(dict(file=dataset.data_path, place=dataset.places[index],
-                                  id=dataset.samples[index].get('id'), problem=problem)))
+                                  id=sample_id(dataset.samples[index]), problem=problem)))
         else:
             print(f'{dataset.describe(index)}: {problem}', file=sys.stderr)
     summary = dict(file=dataset.data_path, samples=len(dataset), problems=len(problems))
     print(json.dumps(summary) if args.json else
-          f'checked {len(dataset)} samples of {dataset.data_path}: {len(problems)} problem(s)')
+          f'checked {len(dataset)} samples of {dataset.data_path}: {len(problems)} problem(s)'
+          + (f', {len(duplicates)} duplicate id(s)' if duplicates else ''))
     return 1 if problems else 0

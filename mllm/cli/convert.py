@@ -19,11 +19,15 @@ def add_arguments(parser):
     pth.add_argument('--keep-adapter', action='store_true',
                      help='save the LoRA adapter apart instead of merging it (mllm format)')
     pth.add_argument('--overwrite', action='store_true', help='write into a non-empty OUT_DIR')
+    pth.add_argument('--trust-checkpoint', action='store_true',
+                     help="CHECKPOINT is a third-party file you trust: load it with torch's full "
+                     'unpickler if it needs it (that can run code stored in the file)')
     pth.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
 
 
 def run(args) -> int:
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    from mllm.engine.checkpoint import trust_checkpoint
     from mllm.engine.config import load_config
     from mllm.engine.export import export_llava_hf, export_pretrained, inference_settings
     from mllm.engine.inference import load_model
@@ -34,6 +38,8 @@ def run(args) -> int:
         raise FileExistsError(f'{args.out_dir} exists and is not empty (pass --overwrite)')
     if args.keep_adapter and args.format == 'llava_hf':
         raise ValueError('--keep-adapter needs --format mllm (transformers LLaVA has no adapter)')
+    if args.trust_checkpoint:
+        trust_checkpoint(args.checkpoint)
     cfg = load_config(args.config, args.cfg_options)
     model = load_model(cfg, args.checkpoint)
     if args.format == 'mllm':

@@ -6,6 +6,7 @@ steps on blanked images (the blind baseline), answers the held-out questions wit
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,8 +70,12 @@ def train(name: str, args, extra_options) -> float:
     options += extra_options
     if args.max_iters:
         options += schedule_options(DEMO_MODELS[name][0], args.max_iters)
+    work_dir = os.path.join(args.work_dir, name)
+    if os.path.isdir(work_dir):  # the demo's own output: a rerun trains afresh
+        print(f'[demo] removing the previous run in {work_dir}', flush=True)
+        shutil.rmtree(work_dir)
     cmd = [sys.executable, '-m', 'mllm', 'train', DEMO_MODELS[name][0],
-           '--work-dir', os.path.join(args.work_dir, name), '--cfg-options', *options]
+           '--work-dir', work_dir, '--cfg-options', *options]
     print(f'[demo] training {name}: {" ".join(cmd[2:])}', flush=True)
     start = time.time()
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -90,7 +95,7 @@ def evaluate(name: str, args, blank_images: bool) -> dict:
     cfg = load_config(DEMO_MODELS[name][0], data_options(name, args.data_dir))
     work_dir = os.path.join(args.work_dir, name)
     with open(os.path.join(work_dir, 'last_checkpoint')) as f:
-        checkpoint = f.read().strip()
+        checkpoint = os.path.join(work_dir, f.read().strip())  # relative to the work dir
     model = load_model(cfg, checkpoint)
     dataset_cfg = dict(cfg.train_dataloader.dataset, data_path=f'{args.data_dir}/val.json',
                        image_folder=f'{args.data_dir}/images', blank_images=blank_images)

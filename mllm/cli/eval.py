@@ -23,6 +23,12 @@ def add_arguments(parser):
     parser.add_argument('--max-new-tokens', type=int, default=16)
     parser.add_argument('--limit', type=int, help='only the first N samples (smoke runs)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help="--checkpoint is a third-party file you trust: load it with torch's "
+                        'full unpickler if it needs it (that can run code stored in the file)')
+    parser.add_argument('--trust-remote-code', action='store_true',
+                        help='let the LLM and tokenizer run Python files that came with them '
+                        '(their auto_map); off by default, and a model folder cannot turn it on')
 
 
 def model_predictor(model, tokenizer, image_processor, template, max_new_tokens: int):
@@ -55,7 +61,8 @@ def run(args) -> int:
     samples = samples[:args.limit] if args.limit else samples
     if not samples:
         raise ValueError(f'{args.data}: no {args.bench} samples to evaluate')
-    predict = model_predictor(*load_for_inference(args.model, args.checkpoint, args.cfg_options),
+    predict = model_predictor(*load_for_inference(args.model, args.checkpoint, args.cfg_options,
+                                                  args.trust_remote_code, args.trust_checkpoint),
                               max_new_tokens=args.max_new_tokens)
     result = evaluate(args.bench, samples, predict)
     out = args.out or os.path.join('eval', args.bench)

@@ -15,6 +15,9 @@ def add_arguments(parser):
     parser.add_argument('--resume', help="'auto' (newest checkpoint of the work dir) or a path")
     parser.add_argument('--load-from', help='start from these weights (e.g. the previous '
                         "stage's checkpoint) without resuming its optimizer and schedule")
+    parser.add_argument('--trust-checkpoint', action='append', default=[], metavar='PATH',
+                        help='load this third-party checkpoint file (or folder) even if it needs '
+                        "torch's full unpickler, which can run code stored in it (repeatable)")
     parser.add_argument('--seed', type=int)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='override config keys: key=value ...')
@@ -30,8 +33,10 @@ def _env(*names: str, default) -> str:
 def launch_torchrun(nproc: int) -> int:
     """Re-run this command under torchrun. Multi-node settings come from the environment:
     NNODES, NODE_RANK, ADDR (or MASTER_ADDR), PORT (or MASTER_PORT); under Slurm, NNODES
-    and NODE_RANK default to SLURM_NNODES and SLURM_NODEID (one `srun` task per node)."""
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+    and NODE_RANK default to SLURM_NNODES and SLURM_NODEID (one `srun` task per node).
+    torchrun runs through ``mllm.engine.torchrun``, whose rendezvous store listens on ADDR
+    only (torch's own store listens on every interface)."""
+    cmd = [sys.executable, '-m', 'mllm.engine.torchrun', f'--nproc_per_node={nproc}',
            f'--nnodes={_env("NNODES", "SLURM_NNODES", default=1)}',
            f'--node_rank={_env("NODE_RANK", "SLURM_NODEID", default=0)}',
            f'--master_addr={_env("ADDR", "MASTER_ADDR", default="127.0.0.1")}',
@@ -46,14 +51,14 @@ def run(args) -> int:
     if (nproc > 1 or nnodes > 1) and args.launcher == 'none':
         return launch_torchrun(nproc)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')  # nothing downloads at run time
+    from mllm.engine.checkpoint import trust_checkpoint
     from mllm.engine.config import load_config, find_config
     from mllm.engine.runner import build_runner
 
+    for path in args.trust_checkpoint:
+        trust_checkpoint(path)
     config = find_config(args.config)
     cfg = load_config(config, args.cfg_options)
-    required = cfg.get('load_from_required')
-    if required and not (args.load_from or cfg.get('load_from') or args.resume):
-        raise ValueError(f'{config} starts from {required}: pass --load-from PATH')
     work_dir = args.work_dir or cfg.get('work_dir') or os.path.join(
         'work_dirs', os.path.splitext(os.path.basename(config))[0])
     # a recipe may name its intended DeepSpeed config (`deepspeed = 'zero2'`); 'none' opts out

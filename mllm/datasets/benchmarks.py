@@ -197,10 +197,9 @@ def load_benchmark(name: str, path: str, image_folder: Optional[str] = None) -> 
 
 def open_image(sample: Dict):
     """The sample's image as RGB PIL (a file, or MMBench's base64 field)."""
-    from PIL import Image
-
     if 'image_b64' in sample:
-        with Image.open(io.BytesIO(base64.b64decode(sample['image_b64']))) as image:
-            return image.convert('RGB')
+        from mllm.datasets.image_processing import open_rgb
+        return open_rgb(io.BytesIO(base64.b64decode(sample['image_b64'])),
+                        name=f"of question {sample['id']} (image_b64)")
     from mllm.engine.inference import load_image
     return load_image(sample['image'])

@@ -1,14 +1,66 @@
-"""Image preprocessing: pad to square with the mean colour, resize, normalise."""
-from typing import Sequence, Tuple
+"""Image reading (``open_rgb``: every image mllm trains, evaluates or chats on) and
+preprocessing: pad to square with the mean colour, resize, normalise."""
+from typing import BinaryIO, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mllm.registry import TRANSFORMS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# PIL's own default limit (about 9459 x 9459); a larger image is refused before it is decoded
+MAX_IMAGE_PIXELS = 89_478_485
+# 16-bit greyscale modes (PNG, TIFF); PIL's convert() clips them at 255, i.e. nearly all white
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or used; the message names it."""
+
+
+def to_rgb(image: Image.Image, name: str = 'image') -> Image.Image:
+    """An 8-bit RGB copy of ``image``. 16-bit greyscale is scaled by the range of its format
+    (0..65535 -> 0..255, not by the image's own min/max, so intensities mean the same in
+    every image); 32-bit integer ('I') and float ('F') pixels have no range the format
+    defines and are refused with an ``ImageError`` naming ``name``, except 'I' images from
+    PGM/PPM files, which PIL always decodes to 0..65535."""
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or (mode == 'I' and image.format == 'PPM'):
+        pixels = np.asarray(image).astype(np.uint32)
+        grey = (pixels * 255 + 32767) // 65535  # rounded, exact for multiples of 257
+        return Image.fromarray(grey.astype(np.uint8), 'L').convert('RGB')
+    if mode in ('I', 'F'):
+        kind = 'integer' if mode == 'I' else 'float'
+        raise ImageError(f'image {name} has 32-bit {kind} pixels (mode {mode!r}) with no value '
+                         'range to scale to 8 bits; save it as an 8- or 16-bit PNG')
+    return image.convert('RGB')
+
+
+def open_rgb(source: Union[str, BinaryIO], name: Optional[str] = None,
+             max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image file ``source`` (a path or a binary file) as 8-bit RGB (``to_rgb``).
+
+    Its size is read from the header and an image of more than ``max_pixels`` pixels
+    (a decompression bomb) is refused before it is decoded, as is one over PIL's own limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``). Raises ``FileNotFoundError``, or ``ImageError`` naming
+    ``name`` (default: the path) for an image that cannot be decoded or is refused.
+    """
+    name = source if name is None else name
+    try:
+        with Image.open(source) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f'image {name} is {width}x{height} = {width * height} pixels, '
+                                 f'more than max_image_pixels={max_pixels} (a decompression bomb?)')
+            return to_rgb(image, name)
+    except (FileNotFoundError, ImageError):
+        raise
+    # ValueError: e.g. PIL's 'Decompressed Data Too Large' for a bomb in a PNG text chunk
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError) as err:
+        raise ImageError(f'cannot decode image {name} ({err})') from err
 
 
 def expand_to_square(image: Image.Image, fill: Tuple[int, int, int]) -> Image.Image:
@@ -26,7 +78,7 @@ def to_normalized_tensor(image: Image.Image, mean: Sequence[float],
                          std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float tensor normalised with ``mean``/``std``."""
     if image.mode != 'RGB':
-        image = image.convert('RGB')
+        image = to_rgb(image)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     mean, std = torch.as_tensor(mean).view(3, 1, 1), torch.as_tensor(std).view(3, 1, 1)
     return (pixels.permute(2, 0, 1) - mean) / std  # (3, H, W)
@@ -92,7 +144,7 @@ class LLaVAImageProcessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if image.mode != 'RGB':  # convert() copies even when there is nothing to convert
-            image = image.convert('RGB')
+            image = to_rgb(image)
         if self.pad_to_square and not self.keep_aspect:
             image = expand_to_square(image, self.pad_colour)
         image = image.resize(self.output_size(image.size), Image.BICUBIC)

@@ -16,9 +16,10 @@ from typing import List, Optional, Tuple
 
 import torch
 from mmengine.logging import print_log
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from mllm.datasets.image_processing import MAX_IMAGE_PIXELS, ImageError, open_rgb
 from mllm.datasets.templates import IMAGE_TOKEN, encode_conversation, get_template
 from mllm.registry import DATASETS, TRANSFORMS
 
@@ -29,14 +30,44 @@ class DataError(ValueError):
     """A problem with one sample of a data file; the message names the file and sample."""
 
 
+def sample_id(sample):
+    """The sample's ``id``; None when it has none or is not an object."""
+    return sample.get('id') if isinstance(sample, dict) else None
+
+
+def sample_place(place: str, sample) -> str:
+    """``place`` with the sample's id when it has one: "line 7 (id 000007)"."""
+    sid = str(sample_id(sample) or '')
+    # bytes that were not UTF-8 show as \xNN (see read_samples), not as lone surrogates
+    sid = sid.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+    return f'{place} (id {sid})' if sid else place
+
+
+def _is_utf8(sample) -> bool:
+    try:
+        json.dumps(sample, ensure_ascii=False).encode('utf-8')  # lone surrogates fail here
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_samples(data_path: str) -> Tuple[List[dict], List[str]]:
-    """Samples of a .json/.jsonl file and, per sample, where it is ("line 7" / "index 6")."""
+    """Samples of a .json/.jsonl file and, per sample, where it is ("line 7" / "index 6").
+    ``DataError`` names the line of invalid JSON, or every sample holding bytes that are
+    not UTF-8 (with its line or index and id)."""
     if not os.path.isfile(data_path):
         raise FileNotFoundError(f'data file not found: {data_path}')
-    with open(data_path, encoding='utf-8') as f:
+    # Bytes that are not UTF-8 are decoded to lone surrogates ('surrogateescape') and the
+    # samples holding them are named below, instead of a UnicodeDecodeError naming nothing.
+    undecodable = []  # indices of samples holding such bytes
+    with open(data_path, 'rb') as f:
         if data_path.endswith('.jsonl'):
             samples, places = [], []
             for lineno, line in enumerate(f, 1):
+                try:
+                    line, utf8 = line.decode('utf-8'), True
+                except UnicodeDecodeError:
+                    line, utf8 = line.decode('utf-8', 'surrogateescape'), False
                 if not line.strip():
                     continue
                 try:
@@ -44,14 +75,31 @@ def read_samples(data_path: str) -> Tuple[List[dict], List[str]]:
                 except json.JSONDecodeError as err:
                     raise DataError(f'{data_path}: line {lineno}: invalid JSON ({err.msg})') from err
                 places.append(f'line {lineno}')
-            return samples, places
-        try:
-            samples = json.load(f)
-        except json.JSONDecodeError as err:
-            raise DataError(f'{data_path}: line {err.lineno}: invalid JSON ({err.msg})') from err
-    if not isinstance(samples, list):
-        raise DataError(f'{data_path}: expected a JSON list of samples, got {type(samples).__name__}')
-    return samples, [f'index {i}' for i in range(len(samples))]
+                if not utf8:
+                    undecodable.append(len(samples) - 1)
+        else:
+            raw, utf8 = f.read(), True
+            try:
+                text = raw.decode('utf-8')
+            except UnicodeDecodeError:
+                text, utf8 = raw.decode('utf-8', 'surrogateescape'), False
+            try:
+                samples = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f'{data_path}: line {err.lineno}: invalid JSON '
+                                f'({err.msg})') from err
+            if not isinstance(samples, list):
+                raise DataError(f'{data_path}: expected a JSON list of samples, '
+                                f'got {type(samples).__name__}')
+            places = [f'index {i}' for i in range(len(samples))]
+            if not utf8:  # parsed, so the bytes are inside strings: find their samples
+                undecodable = [i for i, sample in enumerate(samples) if not _is_utf8(sample)]
+    if undecodable:
+        listing = '; '.join(sample_place(places[i], samples[i]) for i in undecodable[:5])
+        raise DataError(f'{data_path}: {len(undecodable)} sample(s) hold bytes that are not '
+                        f'UTF-8 — {listing}{" ..." if len(undecodable) > 5 else ""} '
+                        '(save the file as UTF-8)')
+    return samples, places
 
 
 def sample_problem(sample) -> Optional[str]:
@@ -164,6 +212,11 @@ class LLaVADataset(Dataset):
             subfolder keyed by the data file, tokenizer and template, and later runs read
             it back. Not used with processors that lay out several image tensors per image
             (UHD slices). Defaults to None (tokenise on the fly).
+        max_image_pixels: an image of more pixels (width x height, read from its header
+            before it is decoded) is a bad sample, a guard against decompression bombs
+            (tiny files that decode to gigabytes). PIL's own check still applies above it
+            (an error over twice ``PIL.Image.MAX_IMAGE_PIXELS``), reported the same way.
+            Defaults to 89_478_485 (PIL's default limit, about 9459 x 9459).
     """
 
     def __init__(self, data_path: str, tokenizer, template: str, image_processor,
@@ -171,7 +224,8 @@ class LLaVADataset(Dataset):
                  blank_images: bool = False, strict: bool = True,
                  bad_sample_policy: str = 'error', max_skipped_ratio: float = 0.01,
                  box_file: Optional[str] = None, max_boxes: int = 100,
-                 token_cache: Optional[str] = None):
+                 token_cache: Optional[str] = None,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         from mllm.models.llms import build_tokenizer  # keeps `import mllm.datasets` light
 
         self.data_path = data_path
@@ -182,6 +236,7 @@ class LLaVADataset(Dataset):
                                 if isinstance(image_processor, dict) else image_processor)
         self.max_length = max_length
         self.blank_images = blank_images
+        self.max_image_pixels = max_image_pixels
         if bad_sample_policy not in ('error', 'skip'):
             raise ValueError(f"bad_sample_policy must be 'error' or 'skip', got {bad_sample_policy!r}")
         self.bad_sample_policy = bad_sample_policy
@@ -196,6 +251,8 @@ class LLaVADataset(Dataset):
                                  'box_file needs an image processor with map_boxes()')
             self.box_entries = load_box_file(box_file)
         self.samples, self.places = read_samples(data_path)
+        if not self.samples:  # else training fails later, in the sampler, naming nothing
+            raise DataError(f'{data_path}: the file holds no samples; a dataset needs at least one')
         self.problems = [(i, p) for i, s in enumerate(self.samples)
                          if (p := sample_problem(s)) is not None]
         if self.problems and strict:
@@ -244,8 +301,7 @@ class LLaVADataset(Dataset):
         return len(self.samples)
 
     def describe(self, index: int) -> str:
-        sample_id = self.samples[index].get('id')
-        return f'{self.data_path}: {self.places[index]}' + (f' (id {sample_id})' if sample_id else '')
+        return f'{self.data_path}: {sample_place(self.places[index], self.samples[index])}'
 
     @property
     def modality_length(self) -> List[int]:
@@ -268,13 +324,12 @@ class LLaVADataset(Dataset):
             path = resolve_image_path(self.image_folder, self.samples[index]['image'])
         except DataError as err:  # name the sample, as every other data error does
             raise DataError(f'{self.describe(index)}: {err}') from None
-        try:
-            with Image.open(path) as image:
-                return image.convert('RGB')
+        try:  # 16-bit images scaled to 8 bits, decompression bombs refused: see open_rgb
+            return open_rgb(path, max_pixels=self.max_image_pixels)
         except FileNotFoundError as err:
             raise DataError(f'{self.describe(index)}: image not found: {path}') from err
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f'{self.describe(index)}: cannot decode image {path} ({err})') from err
+        except ImageError as err:
+            raise DataError(f'{self.describe(index)}: {err}') from err
 
     def box_entry(self, index: int) -> dict:
         """The box-file entry of sample ``index``'s image; ``DataError`` when it has none."""

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from mllm.datasets.image_processing import CLIP_MEAN, CLIP_STD, to_normalized_tensor
+from mllm.datasets.image_processing import CLIP_MEAN, CLIP_STD, to_normalized_tensor, to_rgb
 from mllm.registry import TRANSFORMS
 
 
@@ -129,7 +129,7 @@ class UHDImageProcessor:
                          tuple(int(round(m * 255)) for m in self.mean))
 
     def __call__(self, image: Image.Image) -> List[torch.Tensor]:
-        image = image.convert('RGB')
+        image = to_rgb(image)
         layout = self.layout(image.size)
         units = []
         if layout['slice_size'] is not None:

@@ -13,6 +13,9 @@
       tokenizer/               tokenizer files
 
 ``load_pretrained(OUT_DIR)`` returns ``(model, tokenizer, image_processor, template)``.
+An exported folder never switches on ``trust_remote_code`` (running Python files that came
+with it): the export leaves the key out, loading refuses a folder that sets it, and only the
+loading user turns it on (``--trust-remote-code``; ``trust_remote_code=True`` in Python).
 ``export_llava_hf`` writes transformers' own ``LlavaForConditionalGeneration`` layout for
 the plain LLaVA architecture (CLIP + 2-layer MLP projector).
 """
@@ -24,6 +27,7 @@ from typing import Optional, Tuple
 MLLM_CONFIG = 'mllm_config.json'
 FORMAT_VERSION = 1
 LLM_DIR, ADAPTER_DIR, TOKENIZER_DIR = 'llm', 'llm_adapter', 'tokenizer'
+REMOTE_CODE = 'trust_remote_code'
 
 
 def inference_settings(cfg) -> Tuple[dict, str, dict]:
@@ -56,6 +60,28 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _without_remote_code(value):
+    """``value`` without any ``trust_remote_code`` key, at any depth."""
+    if isinstance(value, dict):
+        return {k: _without_remote_code(v) for k, v in value.items() if k != REMOTE_CODE}
+    if isinstance(value, list):
+        return [_without_remote_code(v) for v in value]
+    return value
+
+
+def _remote_code_settings(value, where: str = ''):
+    """``(dotted key, value)`` of every ``trust_remote_code`` in ``value`` that is not false."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == REMOTE_CODE and item is not False:
+                yield f'{where}{key}', item
+            elif key != REMOTE_CODE:
+                yield from _remote_code_settings(item, f'{where}{key}.')
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _remote_code_settings(item, f'{where}{i}.')
 
 
 def _is_peft(module) -> bool:
@@ -151,9 +177,11 @@ def export_pretrained(cfg, out_dir: str, checkpoint: Optional[str] = None, model
         if name != 'llm' and (filename := _save_part(name, child, model_cfg.get(name), out_dir)):
             weights[name] = filename
     tokenizer.save_pretrained(os.path.join(out_dir, TOKENIZER_DIR))
-    meta = dict(format_version=FORMAT_VERSION, model=model_cfg, weights=weights,
-                tokenizer=dict(pretrained=TOKENIZER_DIR), template=template,
-                image_processor=processor_cfg)
+    # the user who loads the folder decides about its code, not the folder (trust_remote_code)
+    meta = _without_remote_code(dict(
+        format_version=FORMAT_VERSION, model=model_cfg, weights=weights,
+        tokenizer=dict(pretrained=TOKENIZER_DIR), template=template,
+        image_processor=processor_cfg))
     with open(os.path.join(out_dir, MLLM_CONFIG), 'w') as f:
         json.dump(meta, f, indent=2)
     return out_dir
@@ -181,12 +209,16 @@ def _inside(out_dir: str, part: dict) -> dict:
     return part
 
 
-def load_pretrained(out_dir: str):
+def load_pretrained(out_dir: str, trust_remote_code: bool = False):
     """Load an exported folder: ``(model, tokenizer, image_processor, template)``.
 
     The model is in eval mode on the CPU; no training config is needed::
 
         model, tokenizer, image_processor, template = load_pretrained('exports/tiny')
+
+    ``trust_remote_code`` lets transformers import the Python files of the folder's LLM and
+    tokenizer (their ``auto_map``); only the caller can turn it on. A ``mllm_config.json`` that
+    sets it itself is refused.
     """
     from safetensors.torch import load_file
 
@@ -195,6 +227,17 @@ def load_pretrained(out_dir: str):
     from mllm.registry import MODELS, TRANSFORMS
 
     meta = read_export_config(out_dir)
+    settings = [f'{key}={json.dumps(value)}' for key, value in _remote_code_settings(meta)]
+    if settings and not trust_remote_code:
+        raise ValueError(
+            f'{os.path.join(out_dir, MLLM_CONFIG)} sets {", ".join(settings)}: an exported '
+            'folder may not switch on trust_remote_code (it would run Python files that came '
+            'with the folder). If you trust its code, pass --trust-remote-code (mllm chat, mllm '
+            'eval; trust_remote_code=True for load_pretrained and the lmms-eval model_args)')
+    meta = _without_remote_code(meta)
+    if trust_remote_code:
+        meta['model']['llm'] = dict(meta['model']['llm'], trust_remote_code=True)
+        meta['tokenizer'] = dict(meta['tokenizer'], trust_remote_code=True)
     model_cfg = {k: _inside(out_dir, v) if isinstance(v, dict) else v
                  for k, v in meta['model'].items()}
     model = MODELS.build(model_cfg)

@@ -7,6 +7,8 @@ from mmengine.dist import all_reduce, barrier, get_world_size, is_main_process
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import is_model_wrapper
 
+from mllm.engine.checkpoint import (CheckpointError, encode_state, safe_classes,
+                                    write_checksums)
 from mllm.registry import HOOKS
 
 
@@ -89,6 +91,34 @@ class RNGStateHook(Hook):
         runner.logger.info('resumed the RNG states of the checkpoint')
 
 
+@HOOKS.register_module()
+class SafeCheckpointHook(Hook):
+    """Stores the checkpoint's non-tensor state as plain types, after every other hook has
+    added its part (lowest priority): MMEngine's message hub holds ``HistoryBuffer``
+    objects and NumPy values, the RNG states a NumPy array, which torch's safe loader
+    refuses. ``mllm.engine.checkpoint.load_checkpoint_file`` decodes them. ``build_runner``
+    adds this hook to every run."""
+
+    priority = 'LOWEST'
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint.update(encode_state(dict(checkpoint)))
+
+
+def _check_loads_safely(checkpoint: str) -> None:
+    """Every file of a checkpoint just written must load with torch's safe loader; a file
+    that would not is an mllm bug, reported at the first save instead of at resume."""
+    allowed = {f'{c.__module__}.{c.__qualname__}' for c in safe_classes()}
+    files = [checkpoint] if os.path.isfile(checkpoint) else [
+        os.path.join(root, name) for root, _, names in os.walk(checkpoint) for name in names
+        if name.endswith(('.pt', '.pth'))]
+    for name in files:
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(name)) - allowed
+        if unsafe:
+            raise CheckpointError(f'{name} would need the full unpickler to load '
+                                  f'({", ".join(sorted(unsafe))}); refusing to keep it')
+
+
 def _fsync_tree(path: str) -> None:
     """Flush a checkpoint file, or every file of a DeepSpeed checkpoint folder, to disk."""
     files = [path] if os.path.isfile(path) else [
@@ -109,14 +139,15 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 @HOOKS.register_module()
 class AtomicCheckpointHook(CheckpointHook):
-    """MMEngine's ``CheckpointHook`` with crash-safe saving; same arguments.
+    """MMEngine's ``CheckpointHook`` with crash-safe, verifiable saving; same arguments.
 
-    A checkpoint is written as ``.iter_N.pth.partial`` in the work dir, fsynced and renamed
-    into place (``os.replace``); only then does ``last_checkpoint`` (what ``--resume auto``
-    reads, itself replaced atomically) name it, and only then are checkpoints beyond
-    ``max_keep_ckpts`` removed. A kill at any moment leaves the previous checkpoint named
-    and complete. (MMEngine removes the oldest checkpoint *before* saving the new one and
-    writes the file in place.) It refuses to save weights that are not finite.
+    A checkpoint is written as ``.iter_N.pth.partial`` in the work dir, checked to load with
+    torch's safe loader, fsynced, its sha256 recorded in ``iter_N.pth.sha256``, and renamed
+    into place (``os.replace``); only then does ``last_checkpoint`` name it (relative to the
+    work dir, so a moved work dir still agrees) and are checkpoints beyond
+    ``max_keep_ckpts`` removed. A kill at any moment leaves the previous checkpoint named and
+    complete. (MMEngine removes the oldest checkpoint *before* saving the new one and writes
+    the file in place.) It refuses to save weights that are not finite.
     """
 
     def _check_finite(self, runner) -> None:
@@ -144,7 +175,7 @@ class AtomicCheckpointHook(CheckpointHook):
             # saved inside the checkpoint, so a resumed run knows which files to retire
             runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
         previous, self.last_ckpt = self.last_ckpt, final
-        runner.message_hub.update_info('last_ckpt', final)
+        runner.message_hub.update_info('last_ckpt', filename)  # relative: the dir may move
         if is_main_process():
             _remove(partial)
         runner.save_checkpoint(self.out_dir, os.path.basename(partial), self.file_client_args,
@@ -155,12 +186,21 @@ class AtomicCheckpointHook(CheckpointHook):
         barrier()  # every rank's shard of a DeepSpeed checkpoint is written
         if not is_main_process():
             return
+        try:
+            _check_loads_safely(partial)
+        except CheckpointError:
+            _remove(partial)
+            raise
         _fsync_tree(partial)
         _remove(final)
+        write_checksums(partial, final_name=filename)
         os.replace(partial, final)
-        _atomic_write_text(os.path.join(runner.work_dir, 'last_checkpoint'), final)
+        _atomic_write_text(os.path.join(runner.work_dir, 'last_checkpoint'),
+                           os.path.relpath(final, runner.work_dir))
         for old in outdated:
-            _remove(self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(old)))
+            old_path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(old))
+            _remove(old_path)
+            _remove(old_path + '.sha256')
         runner.logger.info(f'saved {final} atomically (previous: {previous})')
 
 

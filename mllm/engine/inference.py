@@ -11,9 +11,9 @@ from mllm.datasets.templates import IGNORE_INDEX, build_generation_prompt
 
 
 def load_checkpoint_state(path: str) -> Dict[str, torch.Tensor]:
-    """The model weights of an ``iter_N.pth`` (tensors only when possible)."""
-    from mllm.engine.patches import load_trusted_checkpoint
-    checkpoint = load_trusted_checkpoint(path, map_location='cpu')
+    """The model weights of an ``iter_N.pth``, loaded safely (``load_checkpoint_file``)."""
+    from mllm.engine.checkpoint import load_checkpoint_file
+    checkpoint = load_checkpoint_file(path, map_location='cpu')
     return checkpoint.get('state_dict', checkpoint)
 
 
@@ -77,9 +77,15 @@ def answer_questions(model, dataset, indices: Optional[List[int]] = None,
 # ------------------------------------------------------------------ chat: one prompt code path
 
 def load_for_inference(model: str, checkpoint: Optional[str] = None,
-                       cfg_options: Optional[dict] = None):
+                       cfg_options: Optional[dict] = None, trust_remote_code: bool = False,
+                       trust_checkpoint: bool = False):
     """``(model, tokenizer, image_processor, template)`` from an exported folder or from a
-    training config plus its checkpoint, as the training data used them."""
+    training config plus its checkpoint, as the training data used them.
+
+    ``trust_remote_code`` (``--trust-remote-code``) lets the LLM and tokenizer run Python
+    files that came with them; an exported folder cannot turn it on, a config still can.
+    ``trust_checkpoint`` (``--trust-checkpoint``) lets ``checkpoint``, a third-party file,
+    load with torch's full unpickler if it needs it."""
     import os
 
     from mllm.datasets.templates import get_template
@@ -94,29 +100,33 @@ def load_for_inference(model: str, checkpoint: Optional[str] = None,
         if not os.path.isfile(os.path.join(model, MLLM_CONFIG)):
             raise FileNotFoundError(f'{model} is a folder without {MLLM_CONFIG}: expected an '
                                     'exported model (`mllm convert pth-to-hf`) or a config file')
-        return load_pretrained(model)
+        return load_pretrained(model, trust_remote_code=trust_remote_code)
     if not checkpoint:
         raise ValueError(f'MODEL {model!r} is not an exported folder, so it must be a config '
                          'and --checkpoint PATH (an iter_N.pth of its training) is needed')
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    if trust_checkpoint:
+        from mllm.engine.checkpoint import trust_checkpoint as trust
+        trust(checkpoint)
     cfg = load_config(model, cfg_options)
     tokenizer_cfg, template, processor_cfg = inference_settings(cfg)
+    if trust_remote_code:  # the flag adds to what the config says, never takes it away
+        cfg.model.llm.trust_remote_code = True
+        tokenizer_cfg['trust_remote_code'] = True
     return (load_model(cfg, checkpoint), build_tokenizer(tokenizer_cfg),
             TRANSFORMS.build(processor_cfg), get_template(template))
 
 
 def load_image(path: str):
-    """An RGB PIL image, with clear errors for a missing or undecodable file."""
-    from PIL import Image, UnidentifiedImageError
+    """An 8-bit RGB PIL image read as training reads it (``open_rgb``), with clear errors
+    for a missing, undecodable or refused file (``ImageError``, a ``ValueError``)."""
+    from mllm.datasets.image_processing import open_rgb
 
     try:
-        with Image.open(path) as image:
-            return image.convert('RGB')
+        return open_rgb(path)
     except FileNotFoundError:
         raise FileNotFoundError(f'image not found: {path}') from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f'cannot decode image {path} ({err}); expected PNG, JPEG, ...') from None
 
 
 def prompt_inputs(conversations: List[dict], tokenizer, template, image_processor,

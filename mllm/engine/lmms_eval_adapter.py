@@ -70,7 +70,8 @@ def doc_images(doc_to_visual, doc, where: str) -> list:
     if len(visuals) > 1:
         raise ValueError(f'{where}: {len(visuals)} images, but mllm models take one image per '
                          'question (choose single-image tasks)')
-    return [v.convert('RGB') for v in visuals]
+    from mllm.datasets.image_processing import to_rgb
+    return [to_rgb(v, where) for v in visuals]  # 16-bit scaled as in training
 
 
 def _conversation(context: str, images: list, image_processor) -> Tuple[list, int]:
@@ -142,16 +143,21 @@ class MLLMLmms(lmms):
         max_new_tokens: answer length when the task's gen_kwargs set none. Defaults to 256.
         dtype: 'float32', 'bfloat16' or 'float16'. Defaults to float32 (bfloat16 is the usual
             choice on a GPU).
+        trust_remote_code: let the folder's LLM and tokenizer run the Python files that came
+            with them (``trust_remote_code=True`` in model_args). Defaults to False; the
+            folder's own ``mllm_config.json`` cannot turn it on.
     """
     is_simple = True  # doc_to_visual + text-with-<image> requests, not doc_to_messages
 
     def __init__(self, pretrained: str, device: Optional[str] = None, batch_size=1,
-                 max_new_tokens: int = 256, dtype: Optional[str] = None, **kwargs):
+                 max_new_tokens: int = 256, dtype: Optional[str] = None,
+                 trust_remote_code=False, **kwargs):
         super().__init__()
         unknown = sorted(k for k in kwargs if k not in _EVALUATOR_KEYS)
         if unknown:
             raise TypeError(f'unknown model_args {unknown} for --model {MODEL_NAME}; known: '
-                            'pretrained, device, batch_size, max_new_tokens, dtype')
+                            'pretrained, device, batch_size, max_new_tokens, dtype, '
+                            'trust_remote_code')
         if not str(batch_size).isdigit() or int(batch_size) < 1:  # lmms-eval also allows 'auto'
             raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}')
         if dtype not in _DTYPES:
@@ -161,10 +167,15 @@ class MLLMLmms(lmms):
             raise RuntimeError('the mllm adapter runs in one process (WORLD_SIZE > 1 found); '
                                'launch `python -m mllm.engine.lmms_eval_adapter` without '
                                'accelerate/torchrun')
+        # lmms-eval passes model_args values as parsed by its handle_arg_string: True/False,
+        # or the string as written when it leaves it alone
+        if str(trust_remote_code).lower() not in ('true', 'false'):
+            raise ValueError(f'trust_remote_code must be True or False, got {trust_remote_code!r}')
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self._device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        model, self.tokenizer, self.image_processor, self.template = load_pretrained(pretrained)
+        model, self.tokenizer, self.image_processor, self.template = load_pretrained(
+            pretrained, trust_remote_code=str(trust_remote_code).lower() == 'true')
         self.model = model.to(self._device, _DTYPES[dtype]).eval()
         lmms_eval_keep_loglikelihood_pairs()  # the evaluator is loaded by now
 

@@ -79,6 +79,10 @@ class SkipNonFiniteMixin:
         self.consecutive_skips += 1
         self.total_skips += 1
         self.message_hub.update_scalar('train/skipped_steps', self.total_skips)
+        if getattr(self, 'grad_name', None) == 'grad_norm':
+            # MMEngine logs the norm from the clipping inside the step skipped here; without
+            # this the log would repeat the previous step's norm for this one
+            self.message_hub.update_scalar('train/grad_norm', float('nan'))
         print_log(f'non-finite {self._bad_value}: optimizer step skipped, weights unchanged '
                   f'({self.consecutive_skips} in a row, {self.total_skips} in all, stop at '
                   f'{self.max_consecutive} in a row)', logger='current', level=logging.WARNING)

@@ -11,39 +11,33 @@ import torch
 from mmengine.logging import print_log
 
 
-def load_trusted_checkpoint(filename: str, map_location='cpu'):
-    """``torch.load`` with ``weights_only=True`` first; checkpoints that hold runner state
-    (MessageHub, numpy RNG state, ConfigDict) fall back to ``weights_only=False`` with a
-    log line, so only load checkpoints you trust."""
-    try:
-        return torch.load(filename, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        print_log(f'{filename} holds non-tensor objects (runner state); loading it with '
-                  'weights_only=False — only load checkpoints you trust',
-                  logger='current', level=logging.INFO)
-        return torch.load(filename, map_location=map_location, weights_only=False)
-
-
 def timm_weights_only() -> None:
     """timm's ``load_pretrained`` reads a local weights file (``pretrained_cfg_overlay=
     dict(file=...)``, how ``ConvNeXtEncoder(backend='timm')`` loads) with
-    ``load_state_dict(path)``, whose default is ``weights_only=False``. Load it with
-    ``weights_only=True`` first and fall back, logged, only for files that need it."""
+    ``load_state_dict(path)``, whose default is ``weights_only=False``: a crafted file runs
+    code. Load it with ``weights_only=True``; a file that needs more loads only when the
+    user trusted it by name (``mllm.engine.checkpoint.trust_checkpoint``)."""
     from timm.models import _builder
+
+    from mllm.engine.checkpoint import CheckpointError, is_trusted, verify_file
 
     original = _builder.load_state_dict
     if hasattr(original, 'weights_only_first'):
         return
 
     def load_state_dict(checkpoint_path, *args, **kwargs):
-        if 'weights_only' in kwargs:
-            return original(checkpoint_path, *args, **kwargs)
+        kwargs.pop('weights_only', None)
+        verify_file(checkpoint_path)
         try:
             return original(checkpoint_path, *args, weights_only=True, **kwargs)
-        except pickle.UnpicklingError:
-            print_log(f'{checkpoint_path} holds non-tensor objects; loading it with '
-                      'weights_only=False — only load checkpoints you trust',
-                      logger='current', level=logging.INFO)
+        except pickle.UnpicklingError as err:
+            if not is_trusted(checkpoint_path):
+                raise CheckpointError(
+                    f'{checkpoint_path} holds objects that torch\'s safe loader refuses ({err}'
+                    f'); if you trust this file, pass --trust-checkpoint {checkpoint_path}'
+                ) from None
+            print_log(f'{checkpoint_path}: loading with the full unpickler, as '
+                      '--trust-checkpoint asked', logger='current', level=logging.WARNING)
             return original(checkpoint_path, *args, weights_only=False, **kwargs)
 
     load_state_dict.weights_only_first = original
@@ -51,12 +45,15 @@ def timm_weights_only() -> None:
 
 
 def patch_checkpoint_loading() -> None:
-    """mmengine 0.10.6 calls ``torch.load`` without ``weights_only``; torch >= 2.6 then
-    defaults to ``weights_only=True`` and refuses mmengine's own checkpoints. Route its
-    local loads through ``load_trusted_checkpoint``."""
+    """mmengine 0.10.6 calls ``torch.load`` without ``weights_only`` (torch < 2.6 then
+    unpickles anything; torch >= 2.6 refuses MMEngine's own runner state). Route its local
+    loads through ``mllm.engine.checkpoint.load_checkpoint_file``: safe loading, checksum
+    verified, mllm's encoded runner state decoded."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    CheckpointLoader.register_scheme(prefixes='', force=True)(load_trusted_checkpoint)
+    from mllm.engine.checkpoint import load_checkpoint_file
+
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_checkpoint_file)
 
 
 def cpu_optim_wrapper(cfg) -> None:
@@ -171,15 +168,24 @@ def deepspeed_model_init_seed() -> None:
 
 def deepspeed_checkpoint_loading() -> None:
     """DeepSpeed's ``TorchCheckpointEngine.load`` unpickles every checkpoint file with
-    ``weights_only=False``, silently. Load through ``load_trusted_checkpoint`` instead:
-    ``weights_only=True`` first, a logged fallback for files that hold runner state."""
+    ``weights_only=False``, silently, and its ``save`` pickles MMEngine's runner state
+    (``HistoryBuffer``, NumPy values) as objects. Save that state as plain types
+    (``encode_state``) and load every file through ``load_checkpoint_file``."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import \
         TorchCheckpointEngine
 
-    def load(self, path: str, map_location=None):
-        return load_trusted_checkpoint(path, map_location=map_location)
+    from mllm.engine.checkpoint import encode_state, load_checkpoint_file
 
-    TorchCheckpointEngine.load = load
+    original_save = getattr(TorchCheckpointEngine.save, 'encodes', TorchCheckpointEngine.save)
+
+    def save(self, state_dict, path: str):
+        return original_save(self, encode_state(state_dict), path)
+
+    def load(self, path: str, map_location=None):
+        return load_checkpoint_file(path, map_location=map_location)
+
+    save.encodes = original_save
+    TorchCheckpointEngine.save, TorchCheckpointEngine.load = save, load
 
 
 def sdpa_segment_masks() -> None:

@@ -80,6 +80,52 @@ def use_deepspeed(cfg: Config, name_or_path: str) -> None:
               f'{ds_config["gradient_accumulation_steps"]}', logger='current', level=logging.INFO)
 
 
+def resolve_start(cfg: Config, work_dir: str, resume: Optional[str],
+                  load_from: Optional[str]) -> None:
+    """Decide how the run starts and set ``cfg.resume`` / ``cfg.load_from`` accordingly.
+
+    - ``resume='auto'``: the newest complete, intact checkpoint of the work dir (scanned,
+      not read from ``last_checkpoint``; damaged newer ones are named and skipped); with
+      none, a fresh start from ``load_from`` as if ``--resume`` had not been given.
+    - ``resume=PATH``: that checkpoint.
+    - otherwise a fresh start, which a work dir holding another run's checkpoints refuses:
+      its iterations would overwrite them.
+    A fresh start of a recipe with ``load_from_required`` needs ``load_from``. Interrupted
+    saves (``.iter_N.pth.partial``) are removed first.
+    """
+    from mllm.engine.checkpoint import checkpoints_in, newest_valid_checkpoint, remove_partials
+
+    load_from = load_from or cfg.get('load_from')
+    if os.path.isdir(work_dir) and is_main_process_env():
+        remove_partials(work_dir)
+    existing = checkpoints_in(work_dir) if os.path.isdir(work_dir) else []
+    if resume == 'auto':
+        resume = newest_valid_checkpoint(work_dir) if existing else None
+        if resume is None and existing:
+            raise RuntimeError(f'--resume auto: no checkpoint of {work_dir} is complete and '
+                               f'intact ({", ".join(map(os.path.basename, existing))}; see the '
+                               'warnings above). Move them away to start afresh.')
+        print_log(f'--resume auto: resuming from {resume}' if resume else
+                  f'--resume auto: {work_dir} holds no checkpoint yet; starting '
+                  + (f'from {load_from}' if load_from else 'from the config\'s weights'),
+                  logger='current', level=logging.INFO)
+    elif not resume and existing:
+        raise RuntimeError(f'{work_dir} already holds checkpoints of another run '
+                           f'({", ".join(map(os.path.basename, existing[:3]))}); this run would '
+                           'overwrite them. Pass --resume auto to continue that run, or '
+                           'choose another --work-dir.')
+    required = cfg.get('load_from_required')
+    if not resume and required and not load_from:
+        raise ValueError(f'this recipe starts from {required}: pass --load-from PATH')
+    cfg.resume = bool(resume)
+    cfg.load_from = resume or load_from
+
+
+def is_main_process_env() -> bool:
+    """Rank 0 of the launch (the runner's process group does not exist yet)."""
+    return int(os.environ.get('RANK', 0)) == 0
+
+
 def build_runner(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'none',
                  resume: Optional[str] = None, load_from: Optional[str] = None,
                  seed: Optional[int] = None, deepspeed: Optional[str] = None):
@@ -88,17 +134,16 @@ def build_runner(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'n
         cfg.work_dir = work_dir
     if seed is not None:
         cfg.setdefault('randomness', {})['seed'] = seed
-    if load_from is not None:
-        cfg.load_from = load_from
-    if resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
-    elif resume:
-        cfg.resume, cfg.load_from = True, resume
+    resolve_start(cfg, cfg.work_dir, resume, load_from)
     cfg.launcher = launcher
     if deepspeed:
         use_deepspeed(cfg, deepspeed)
+    hooks = [*(cfg.get('custom_hooks') or [])]
     if launcher != 'none':  # log the mean loss over ranks, not rank 0's
-        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type='RankMeanLossHook')]
+        hooks.append(dict(type='RankMeanLossHook'))
+    if not any(h.get('type') in ('SafeCheckpointHook', 'mllm.SafeCheckpointHook') for h in hooks):
+        hooks.append(dict(type='SafeCheckpointHook'))  # checkpoints torch loads safely
+    cfg.custom_hooks = hooks
     patches.apply_all(cfg, launcher)
     if cfg.get('runner_type') == 'FlexibleRunner':
         from mmengine.runner import FlexibleRunner
