@@ -4,7 +4,7 @@
   mllm writes only tensors and plain types: the runner state MMEngine keeps as objects
   (``HistoryBuffer``, NumPy arrays and scalars) is encoded by ``encode_state`` on save and
   rebuilt by ``decode_state`` on load. DeepSpeed's own files hold four small data classes
-  (``SAFE_CLASSES``), allowed by name to torch's safe loader; none has unpickling code.
+  (``SAFE_CLASS_NAMES``), allowed by name to torch's safe loader; none has unpickling code.
   A third-party file that needs the full unpickler loads only when the user names it
   (``--trust-checkpoint PATH``, ``trust_checkpoint``).
 - **Integrity.** Next to each checkpoint ``iter_N.pth`` (a file, or a DeepSpeed folder) lies
@@ -107,18 +107,28 @@ def _decode_tagged(tag: str, value: dict):
 
 # ------------------------------------------------------------------ the safe loader
 
-def safe_classes() -> list:
-    """Plain data classes that DeepSpeed and MMEngine pickle into DeepSpeed checkpoint
-    files (the DeepSpeed config, ZeRO bookkeeping, the loss scaler), allowed by name to
-    torch's safe loader. They are rebuilt from their fields; none defines unpickling code."""
-    from mmengine.config import ConfigDict
+# Plain data classes that DeepSpeed and MMEngine pickle into DeepSpeed checkpoint files (the
+# DeepSpeed config, ZeRO bookkeeping, the loss scaler), allowed by name to torch's safe
+# loader. They are rebuilt from their fields; none defines unpickling code.
+SAFE_CLASS_NAMES = (
+    'mmengine.config.config.ConfigDict',
+    'deepspeed.runtime.fp16.loss_scaler.LossScaler',
+    'deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler',
+    'deepspeed.runtime.zero.config.ZeroStageEnum',
+    'deepspeed.utils.tensor_fragment.fragment_address',
+)
 
-    classes = [ConfigDict]
-    if 'deepspeed' in sys.modules:  # only DeepSpeed runs read files that hold these
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-        classes += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+def safe_classes(names=SAFE_CLASS_NAMES, import_modules: bool = False) -> list:
+    """The classes of ``names`` whose modules are loaded (all of them with
+    ``import_modules``: importing DeepSpeed takes seconds, so only when a file needs it)."""
+    import importlib
+
+    classes = []
+    for name in names:
+        module, _, cls = name.rpartition('.')
+        if module in sys.modules or import_modules:
+            classes.append(getattr(importlib.import_module(module), cls))
     return classes
 
 
@@ -143,8 +153,16 @@ def load_checkpoint_file(path: str, map_location='cpu'):
     ``CheckpointError`` naming the file and its classes, unless the user trusted them."""
     verify_file(path)
     try:
-        with torch.serialization.safe_globals(safe_classes()):
-            return decode_state(torch.load(path, map_location=map_location, weights_only=True))
+        try:
+            with torch.serialization.safe_globals(safe_classes()):
+                state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            unsafe = _unsafe_globals(path, allowed=())
+            if not unsafe or not set(unsafe) <= set(SAFE_CLASS_NAMES):
+                raise
+            with torch.serialization.safe_globals(safe_classes(unsafe, import_modules=True)):
+                state = torch.load(path, map_location=map_location, weights_only=True)
+        return decode_state(state)
     except pickle.UnpicklingError as err:
         if not is_trusted(path):
             raise CheckpointError(
@@ -160,8 +178,9 @@ def load_checkpoint_file(path: str, map_location='cpu'):
                               f'({type(err).__name__}: {str(err).strip() or "no detail"})') from err
 
 
-def _unsafe_globals(path: str) -> List[str]:
-    allowed = {f'{c.__module__}.{c.__qualname__}' for c in safe_classes()}
+def _unsafe_globals(path: str, allowed=SAFE_CLASS_NAMES) -> List[str]:
+    """The globals of ``path``'s pickle that torch's safe loader does not allow by itself,
+    less ``allowed``."""
     try:
         return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
                 if g not in allowed]

@@ -7,7 +7,7 @@ from mmengine.dist import all_reduce, barrier, get_world_size, is_main_process
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import is_model_wrapper
 
-from mllm.engine.checkpoint import (CheckpointError, encode_state, safe_classes,
+from mllm.engine.checkpoint import (SAFE_CLASS_NAMES, CheckpointError, encode_state,
                                     write_checksums)
 from mllm.registry import HOOKS
 
@@ -108,12 +108,12 @@ class SafeCheckpointHook(Hook):
 def _check_loads_safely(checkpoint: str) -> None:
     """Every file of a checkpoint just written must load with torch's safe loader; a file
     that would not is an mllm bug, reported at the first save instead of at resume."""
-    allowed = {f'{c.__module__}.{c.__qualname__}' for c in safe_classes()}
     files = [checkpoint] if os.path.isfile(checkpoint) else [
         os.path.join(root, name) for root, _, names in os.walk(checkpoint) for name in names
         if name.endswith(('.pt', '.pth'))]
     for name in files:
-        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(name)) - allowed
+        unsafe = (set(torch.serialization.get_unsafe_globals_in_checkpoint(name))
+                  - set(SAFE_CLASS_NAMES))
         if unsafe:
             raise CheckpointError(f'{name} would need the full unpickler to load '
                                   f'({", ".join(sorted(unsafe))}); refusing to keep it')
