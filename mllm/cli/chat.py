@@ -26,6 +26,11 @@ def add_arguments(parser):
                         help='0 decodes greedily (default); > 0 samples')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='overrides for a config MODEL: key=value ...')
+    add_trust_arguments(parser)
+
+
+def add_trust_arguments(parser):
+    """The two opt-ins for code that came with a model (``chat`` and ``eval``)."""
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help="--checkpoint is a third-party file you trust: load it with torch's "
                         'full unpickler if it needs it (that can run code stored in the file)')

@@ -23,12 +23,8 @@ def add_arguments(parser):
     parser.add_argument('--max-new-tokens', type=int, default=16)
     parser.add_argument('--limit', type=int, help='only the first N samples (smoke runs)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help="--checkpoint is a third-party file you trust: load it with torch's "
-                        'full unpickler if it needs it (that can run code stored in the file)')
-    parser.add_argument('--trust-remote-code', action='store_true',
-                        help='let the LLM and tokenizer run Python files that came with them '
-                        '(their auto_map); off by default, and a model folder cannot turn it on')
+    from mllm.cli.chat import add_trust_arguments
+    add_trust_arguments(parser)
 
 
 def model_predictor(model, tokenizer, image_processor, template, max_new_tokens: int):

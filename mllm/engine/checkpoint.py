@@ -22,7 +22,6 @@ import pickle
 import re
 import sys
 import zipfile
-from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -59,35 +58,29 @@ def encode_state(value):
                 'bytes': torch.from_numpy(array.reshape(-1).view(np.uint8).copy())}
     if isinstance(value, np.generic):
         return {_TAG: 'numpy_scalar', 'dtype': value.dtype.str, 'value': value.item()}
+    return _map_items(value, encode_state)
+
+
+def _map_items(value, fn):
+    """``value`` with ``fn`` applied to the items of a dict, list or tuple; the container
+    keeps its type (``OrderedDict``, MMEngine's ``ConfigDict``). Anything else unchanged."""
     if isinstance(value, dict):
-        encoded = {k: encode_state(v) for k, v in value.items()}
-        return OrderedDict(encoded) if isinstance(value, OrderedDict) else (
-            encoded if type(value) is dict else _same_type(value, encoded))
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        return type(value)(encode_state(v) for v in value)
+        if type(value) is dict:
+            return {k: fn(v) for k, v in value.items()}
+        rebuilt = type(value)()
+        for key, item in value.items():
+            rebuilt[key] = fn(item)
+        return rebuilt
+    if type(value) in (list, tuple):
+        return type(value)(fn(v) for v in value)
     return value
-
-
-def _same_type(original: dict, items: dict) -> dict:
-    """A dict subclass (MMEngine's ``ConfigDict``) rebuilt with encoded values."""
-    rebuilt = type(original)()
-    for key, value in items.items():
-        rebuilt[key] = value
-    return rebuilt
 
 
 def decode_state(value):
     """The inverse of ``encode_state``."""
-    if isinstance(value, dict):
-        tag = value.get(_TAG)
-        if tag is not None:
-            return _decode_tagged(tag, value)
-        decoded = {k: decode_state(v) for k, v in value.items()}
-        return OrderedDict(decoded) if isinstance(value, OrderedDict) else (
-            decoded if type(value) is dict else _same_type(value, decoded))
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        return type(value)(decode_state(v) for v in value)
-    return value
+    if isinstance(value, dict) and _TAG in value:
+        return _decode_tagged(value[_TAG], value)
+    return _map_items(value, decode_state)
 
 
 def _decode_tagged(tag: str, value: dict):
