@@ -21,6 +21,7 @@ COMMANDS = {
     'plot': ('mllm.cli.plot', 'loss / lr / grad-norm / throughput curves of training runs'),
     'annotate-boxes': ('mllm.cli.annotate_boxes', 'object boxes for MG-LLaVA from a local OWLv2 detector'),
     'bench': ('mllm.cli.bench', 'throughput vs stock XTuner, data pipeline, memory, GPU step'),
+    'sweep': ('mllm.cli.sweep', 'one recipe over several LLMs / values: pre-flight, runs, report'),
 }
 
 

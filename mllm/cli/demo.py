@@ -87,22 +87,31 @@ def train(name: str, args, extra_options) -> float:
 
 
 def evaluate(name: str, args, blank_images: bool) -> dict:
-    from mllm.datasets.synthetic import CATEGORIES, answer_matches
     from mllm.engine.config import load_config
-    from mllm.engine.inference import answer_questions, load_model
-    from mllm.registry import DATASETS
 
     cfg = load_config(DEMO_MODELS[name][0], data_options(name, args.data_dir))
     work_dir = os.path.join(args.work_dir, name)
     with open(os.path.join(work_dir, 'last_checkpoint')) as f:
         checkpoint = os.path.join(work_dir, f.read().strip())  # relative to the work dir
+    return score_synthetic(cfg, checkpoint, args.data_dir, blank_images,
+                           os.path.join(work_dir, 'predictions.jsonl'))
+
+
+def score_synthetic(cfg, checkpoint: str, data_dir: str, blank_images: bool,
+                    predictions_path: str) -> dict:
+    """Greedy answers of ``cfg``'s model at ``checkpoint`` to ``<data_dir>/val.json``: overall
+    and per-category accuracy (also ``mllm sweep --eval synthetic:DIR``)."""
+    from mllm.datasets.synthetic import CATEGORIES, answer_matches
+    from mllm.engine.inference import answer_questions, load_model
+    from mllm.registry import DATASETS
+
     model = load_model(cfg, checkpoint)
-    dataset_cfg = dict(cfg.train_dataloader.dataset, data_path=f'{args.data_dir}/val.json',
-                       image_folder=f'{args.data_dir}/images', blank_images=blank_images)
+    dataset_cfg = dict(cfg.train_dataloader.dataset, data_path=f'{data_dir}/val.json',
+                       image_folder=f'{data_dir}/images', blank_images=blank_images)
     dataset = DATASETS.build(dataset_cfg)
     predictions = answer_questions(model, dataset)
     per_category = {c: [0, 0] for c in CATEGORIES}
-    with open(os.path.join(work_dir, 'predictions.jsonl'), 'w') as f:
+    with open(predictions_path, 'w') as f:
         for sample, prediction in zip(dataset.samples, predictions):
             answer = sample['conversations'][-1]['value']
             correct = answer_matches(prediction, answer)
