@@ -29,8 +29,9 @@ def load_trusted_checkpoint(filename: str, map_location='cpu'):
 def timm_weights_only() -> None:
     """timm's ``load_pretrained`` reads a local weights file (``pretrained_cfg_overlay=
     dict(file=...)``, how ``ConvNeXtEncoder(backend='timm')`` loads) with
-    ``load_state_dict(path)``, whose default is ``weights_only=False``. Load it with
-    ``weights_only=True`` first and fall back, logged, only for files that need it."""
+    ``load_state_dict(path)``, whose default is ``weights_only=False`` (timm 1.0.31:
+    ``True``, and files with other objects fail). Load it with ``weights_only=True`` first
+    and fall back, logged, only for files that need it."""
     from timm.models import _builder
 
     original = _builder.load_state_dict
@@ -42,7 +43,11 @@ def timm_weights_only() -> None:
             return original(checkpoint_path, *args, **kwargs)
         try:
             return original(checkpoint_path, *args, weights_only=True, **kwargs)
-        except pickle.UnpicklingError:
+        except (pickle.UnpicklingError, RuntimeError) as error:
+            # timm >= 1.0.2x re-raises the UnpicklingError as a RuntimeError
+            if not isinstance(error, pickle.UnpicklingError) and not isinstance(
+                    error.__cause__, pickle.UnpicklingError):
+                raise
             print_log(f'{checkpoint_path} holds non-tensor objects; loading it with '
                       'weights_only=False — only load checkpoints you trust',
                       logger='current', level=logging.INFO)
