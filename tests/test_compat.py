@@ -126,3 +126,28 @@ def test_length_grouped_sampler_order_is_the_old_pins_order(seed):
     for epoch, want in enumerate(OLD_PINS_ORDER[str(seed)]):
         sampler.set_epoch(epoch)
         assert list(sampler) == want
+
+
+def test_clip_tower_loads_state_dicts_of_either_transformers_layout():
+    """transformers 5's CLIPVisionModel lost its ``vision_model`` wrapper, so checkpoints
+    written under 4.x name the tower ``vision_encoder.model.vision_model.*``: both layouts
+    load strictly into the running release's tower, with the same weights. (Checked once
+    by hand: an iter_2.pth written under the old pins gives bit-identical logits here.)"""
+    import torch
+
+    from mllm.models import CLIPVisionEncoder
+
+    from conftest import TINY_CLIP_CONFIG
+    torch.manual_seed(0)
+    source = CLIPVisionEncoder(config=TINY_CLIP_CONFIG)
+    state = source.state_dict()
+    flat = hasattr(source.model, 'vision_model') is False
+    other = {(k.replace('model.', 'model.vision_model.', 1) if flat
+              else k.replace('model.vision_model.', 'model.', 1)): v for k, v in state.items()}
+    assert set(other) != set(state)
+    for checkpoint in (state, other):
+        torch.manual_seed(1)
+        target = CLIPVisionEncoder(config=TINY_CLIP_CONFIG)
+        target.load_state_dict(dict(checkpoint), strict=True)
+        assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(),
+                                                     state.values()))
