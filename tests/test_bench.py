@@ -73,7 +73,8 @@ def test_packed_loss_and_grads_equal_padded(trainable_model, attn):
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)
     # control: the same packed rows with one plain causal mask let samples see each other
     leaky = dict(packed, attention_mask=torch.ones_like(packed['input_ids']))
-    assert abs(model(**leaky)['loss'].item() - grads[0][0].item()) > 0.01
+    # (> 1e-3: 1000x the tolerance above; 0.005 under transformers 5.25's initialisation)
+    assert abs(model(**leaky)['loss'].item() - grads[0][0].item()) > 1e-3
 
 
 def _loss_and_grads(model, batch):
@@ -110,7 +111,8 @@ def test_flat_batch_equals_padded(trainable_model, monkeypatch, checkpointing):
     sdpa = ALL_ATTENTION_FUNCTIONS['sdpa']
 
     def spy(m, q, k, v, mask, **kw):
-        segments.append(mask.dim())
+        if mask is not None:  # transformers 5's CLIP attention comes here too, without a mask
+            segments.append(mask.dim())
         return sdpa(m, q, k, v, mask, **kw)
 
     spy.passes_segments = sdpa  # already patched: keep the spy in front

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mmengine.config import Config
-from transformers import CLIPVisionModel, LlamaForCausalLM
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
 
 from mllm.datasets.collate import llava_collate
 from mllm.datasets.templates import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, build_generation_prompt,
@@ -21,6 +21,9 @@ from mllm.registry import MODELS
 from conftest import TINY_CLIP_CONFIG, TINY_LLM_CONFIG, TINY_NUM_VISUAL_TOKENS
 
 N_IMG = TINY_NUM_VISUAL_TOKENS  # 16 visual tokens per 32 px image
+# CLIPVisionModel's weights sit under ``vision_model.`` up to transformers 4.x, at its top in 5.x
+VIT = 'vision_model.' if hasattr(CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_CONFIG)),
+                                 'vision_model') else ''
 
 
 def build(cfg, seed=0, **overrides):
@@ -70,7 +73,7 @@ def test_clip_config_path_random_inits(saved_tiny_checkpoints):
     a = CLIPVisionEncoder(config=TINY_CLIP_CONFIG)
     torch.manual_seed(2)
     b = CLIPVisionEncoder(config=TINY_CLIP_CONFIG)
-    w = 'vision_model.embeddings.patch_embedding.weight'
+    w = VIT + 'embeddings.patch_embedding.weight'
     assert a.model.state_dict()[w].shape == (32, 3, 8, 8)
     assert not torch.equal(a.model.state_dict()[w], b.model.state_dict()[w])
     assert not torch.equal(a.model.state_dict()[w], saved.state_dict()[w])
@@ -197,7 +200,7 @@ def test_llava_from_pretrained_towers(tiny_model_cfg, saved_tiny_checkpoints):
     clip_ref = CLIPVisionModel.from_pretrained(saved_tiny_checkpoints['vision']).state_dict()
     key = 'model.layers.1.mlp.down_proj.weight'
     assert torch.equal(model.llm.state_dict()[key], llm_ref[key])
-    key = 'vision_model.encoder.layers.0.self_attn.k_proj.weight'
+    key = VIT + 'encoder.layers.0.self_attn.k_proj.weight'
     assert torch.equal(model.vision_encoder.model.state_dict()[key], clip_ref[key])
     # the projector is sized from the two towers
     assert model.projector.linear_1.weight.shape == (64, 32)
@@ -254,8 +257,8 @@ def test_projector_parameter_count_on_meta(in_channels, expected):
 def test_freezing_per_stage(tiny_model_cfg, trainable, parts):
     model = build(tiny_model_cfg, trainable=trainable)
     # the ViT layers after select_layer=-2 and post_layernorm never reach the output: frozen
-    unused = ('vision_encoder.model.vision_model.encoder.layers.1.',
-              'vision_encoder.model.vision_model.post_layernorm.')
+    unused = (f'vision_encoder.model.{VIT}encoder.layers.1.',
+              f'vision_encoder.model.{VIT}post_layernorm.')
     for name, param in model.named_parameters():
         expected = name.split('.')[0] in parts and not name.startswith(unused)
         assert param.requires_grad == expected, name
@@ -452,8 +455,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_model_cfg, ti
                      sample(tiny_tokenizer, 'How many are there?', 'two', seed=2)],
                     tiny_tokenizer)
     calls = []
-    layers = dict(llm=ckpt.llm.model.layers[0],
-                  vit=ckpt.vision_encoder.model.vision_model.encoder.layers[0])
+    # a sublayer's hooks: transformers 5 checkpoints a decoder layer's ``forward`` (not
+    # ``__call__``), so the layer's own hooks run once, its submodules' again in backward
+    layers = dict(llm=ckpt.llm.model.layers[0].mlp,
+                  vit=ckpt.vision_encoder.vision.encoder.layers[0].mlp)
     handles = [layer.register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
                for name, layer in layers.items()]
     loss_c, grads_c = loss_and_grads(ckpt, batch)
@@ -467,8 +472,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_model_cfg, ti
     # ViT parts after select_layer=-2 have none, and they are frozen
     assert grads_c.keys() == grads_p.keys() == trainable_names(plain)
     unused = {n for n, _ in plain.named_parameters()} - set(grads_p)
-    assert unused and all(n.startswith(('vision_encoder.model.vision_model.encoder.layers.1.',
-                                        'vision_encoder.model.vision_model.post_layernorm.'))
+    assert unused and all(n.startswith((f'vision_encoder.model.{VIT}encoder.layers.1.',
+                                        f'vision_encoder.model.{VIT}post_layernorm.'))
                           for n in unused)
     for name in grads_p:
         torch.testing.assert_close(grads_c[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -43,8 +43,7 @@ class Indices(Dataset):
 def test_seek_dataloader_gives_the_uninterrupted_order_without_loading(sampler, monkeypatch):
     from mmengine.dataset import DefaultSampler
     from mmengine.runner import loops as mmengine_loops
-    from xtuner.dataset.samplers import LengthGroupedSampler
-
+    from mllm.datasets.samplers import LengthGroupedSampler  # XTuner's, imported via compat
     from mllm.engine.loops import seek_dataloader
     monkeypatch.setattr(mmengine_loops.time, 'sleep', lambda s: None)  # epoch-change pause
 

@@ -80,7 +80,7 @@ def test_vit_position_embedding_interpolation():
     encoder = CLIPVisionEncoder(config=dict(hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=2,
                                             image_size=32, patch_size=8)).eval()
-    embeddings = encoder.model.vision_model.embeddings
+    embeddings = encoder.vision.embeddings
     dummy = torch.zeros(1, 17, 32)
     # at the pre-training size the interpolated embedding is the original one
     same = embeddings.interpolate_pos_encoding(dummy, 32, 32)

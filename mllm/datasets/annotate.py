@@ -130,6 +130,8 @@ class BoxAnnotator:
         every query for every image of every batch."""
         base = getattr(self.model, self.model_type)  # .owlv2 / .owlvit
         embeds = base.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        if not isinstance(embeds, torch.Tensor):  # transformers 5: output, projected pooler
+            embeds = embeds.pooler_output
         return embeds / torch.linalg.norm(embeds, dim=-1, keepdim=True)  # as the forward does
 
     @torch.no_grad()

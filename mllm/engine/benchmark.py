@@ -22,6 +22,9 @@ from typing import Dict, List, Optional
 import torch
 
 from mllm.datasets.templates import IMAGE_TOKEN_INDEX
+from mllm.engine import compat
+
+compat.apply_all()  # before XTuner (imported below, per function): see mllm.engine.compat
 
 # Tiny architecture = configs/_base_/{llms/tiny_llama,vision/tiny_clip}.py
 TINY_LLM = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,

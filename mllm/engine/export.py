@@ -267,9 +267,15 @@ IMAGE_TOKEN_TEXT = '<image>'
 
 
 def llava_hf_state_dict(model) -> dict:
-    """Our state dict under ``LlavaForConditionalGeneration`` names."""
+    """Our state dict under ``LlavaForConditionalGeneration`` names (transformers 5 nests
+    the towers and projector under ``model.``, the LLM's decoder as ``language_model``)."""
+    import transformers
     prefixes = (('vision_encoder.model.', 'vision_tower.'),
                 ('projector.', 'multi_modal_projector.'), ('llm.', 'language_model.'))
+    if int(transformers.__version__.split('.')[0]) >= 5:
+        prefixes = (('vision_encoder.model.', 'model.vision_tower.'),
+                    ('projector.', 'model.multi_modal_projector.'),
+                    ('llm.model.', 'model.language_model.'), ('llm.lm_head.', 'lm_head.'))
     state = {}
     for key, value in model.state_dict().items():
         for ours, theirs in prefixes:
@@ -316,7 +322,10 @@ def export_llava_hf(model, tokenizer, image_processor, out_dir: str):
     """
     from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
-    from transformers.modeling_utils import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
 
     _check_plain_llava(model)
     if IMAGE_TOKEN_TEXT not in tokenizer.get_vocab():

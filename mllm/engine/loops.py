@@ -16,9 +16,12 @@ import torch
 from mmengine.logging import print_log
 from mmengine.runner.loops import _InfiniteDataloaderIterator
 from torch.utils.data import DataLoader, Sampler
-from xtuner.engine.runner import TrainLoop as XTunerTrainLoop
 
+from mllm.engine import compat
 from mllm.registry import LOOPS
+
+compat.apply_all()  # before XTuner: it imports names transformers 5 removed
+from xtuner.engine.runner import TrainLoop as XTunerTrainLoop  # noqa: E402
 
 
 class StartAt(Sampler):

@@ -10,13 +10,16 @@ import pickle
 import torch
 from mmengine.logging import print_log
 
+from mllm.engine import compat
+
 
 def timm_weights_only() -> None:
     """timm's ``load_pretrained`` reads a local weights file (``pretrained_cfg_overlay=
     dict(file=...)``, how ``ConvNeXtEncoder(backend='timm')`` loads) with
     ``load_state_dict(path)``, whose default is ``weights_only=False``: a crafted file runs
-    code. Load it with ``weights_only=True``; a file that needs more loads only when the
-    user trusted it by name (``mllm.engine.checkpoint.trust_checkpoint``)."""
+    code (timm 1.0.31 defaults to True but wraps the refusal in a RuntimeError). Load it with
+    ``weights_only=True``; a file that needs more loads only when the user trusted it by
+    name (``mllm.engine.checkpoint.trust_checkpoint``)."""
     from timm.models import _builder
 
     from mllm.engine.checkpoint import CheckpointError, is_trusted, verify_file
@@ -30,7 +33,11 @@ def timm_weights_only() -> None:
         verify_file(checkpoint_path)
         try:
             return original(checkpoint_path, *args, weights_only=True, **kwargs)
-        except pickle.UnpicklingError as err:
+        except (pickle.UnpicklingError, RuntimeError) as err:
+            # timm >= 1.0.2x re-raises the UnpicklingError as a RuntimeError
+            if not isinstance(err, pickle.UnpicklingError) and not isinstance(
+                    err.__cause__, pickle.UnpicklingError):
+                raise
             if not is_trusted(checkpoint_path):
                 raise CheckpointError(
                     f'{checkpoint_path} holds objects that torch\'s safe loader refuses ({err}'
@@ -105,47 +112,6 @@ def skip_nonfinite_steps(cfg) -> None:
     optim['max_consecutive'] = options.get('max_consecutive', 5)
 
 
-def zero3_wait_all_gathers() -> None:
-    """deepspeed < 0.19.8 (fixed upstream by deepspeedai/DeepSpeed#8539): ZeRO-3's
-    ``Init._allgather_params_coalesced`` launches one async all-gather per parameter and
-    waits only on the last handle. NCCL runs them in order on one stream, so that suffices
-    on GPUs; gloo runs each on its own worker thread, so parameters are read before their
-    gather is done: nondeterministic losses, NaN. This is the path of every parameter below
-    ``stage3_param_persistence_threshold`` (re-gathered after each optimizer step). Wrap it
-    so every handle it launches is waited on before it returns."""
-    import deepspeed
-    from deepspeed import comm
-    from deepspeed.runtime.zero.partition_parameters import Init
-    from packaging.version import Version
-
-    original = Init._allgather_params_coalesced
-    if Version(deepspeed.__version__) >= Version('0.19.8') or hasattr(original, 'waits_all'):
-        return
-
-    def recording(launch, handles):
-        def launch_and_record(*args, **kwargs):
-            handle = launch(*args, **kwargs)
-            if handle is not None:
-                handles.append(handle)
-            return handle
-        return launch_and_record
-
-    def allgather_params_coalesced(self, *args, **kwargs):
-        handles = []
-        launchers = comm.all_gather_into_tensor, comm.all_gather
-        # partition_parameters calls them as attributes of deepspeed.comm at call time
-        comm.all_gather_into_tensor, comm.all_gather = (recording(f, handles) for f in launchers)
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            comm.all_gather_into_tensor, comm.all_gather = launchers
-            for handle in handles:
-                handle.wait()
-
-    allgather_params_coalesced.waits_all = original
-    Init._allgather_params_coalesced = allgather_params_coalesced
-
-
 def deepspeed_model_init_seed() -> None:
     """MMEngine's ``Runner`` builds the model right after seeding; ``FlexibleRunner`` builds
     it in ``train()``, after the data loaders, from a used random state, so the same seed
@@ -194,7 +160,9 @@ def sdpa_segment_masks() -> None:
     reads it in full. mllm's packed batches pass a 1-D tensor of segment boundaries
     instead (``mllm.models.varlen_attention``; transformers never makes a 1-D mask): let
     ``_update_causal_mask`` return it unchanged and route it, in the SDPA attention
-    function, to one causal SDPA call per segment. Every other mask keeps upstream's path."""
+    function, to one causal SDPA call per segment. Every other mask keeps upstream's path.
+    transformers 5 has no ``_update_causal_mask``: there the SDPA mask function of
+    ``masking_utils`` passes the segments through instead (``pass_segment_masks_v5``)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaModel
     from transformers.models.mistral.modeling_mistral import MistralModel
@@ -204,8 +172,8 @@ def sdpa_segment_masks() -> None:
     from mllm.models.varlen_attention import is_segment_mask, segment_sdpa_attention
 
     for cls in (LlamaModel, MistralModel, Qwen2Model, Phi3Model):
-        original = cls._update_causal_mask
-        if hasattr(original, 'passes_segments'):
+        original = getattr(cls, '_update_causal_mask', None)  # transformers 5: none
+        if original is None or hasattr(original, 'passes_segments'):
             continue
 
         def update_causal_mask(self, attention_mask, *args, _original=original, **kwargs):
@@ -216,6 +184,9 @@ def sdpa_segment_masks() -> None:
         update_causal_mask.passes_segments = original
         cls._update_causal_mask = update_causal_mask
 
+    if not hasattr(LlamaModel, '_update_causal_mask'):
+        from mllm.models.varlen_attention import pass_segment_masks_v5
+        pass_segment_masks_v5()  # transformers 5 builds masks in masking_utils
     sdpa = ALL_ATTENTION_FUNCTIONS['sdpa']
     if hasattr(sdpa, 'passes_segments'):
         return
@@ -233,12 +204,12 @@ def sdpa_segment_masks() -> None:
 
 
 def apply_all(cfg, launcher: str = 'none') -> None:
+    compat.apply_all()  # XTuner / MMEngine on the current transformers and DeepSpeed
     patch_checkpoint_loading()
     cpu_optim_wrapper(cfg)
     cpu_distributed(cfg, launcher)
     skip_nonfinite_steps(cfg)
     if (cfg.get('strategy') or {}).get('type') == 'DeepSpeedStrategy':
-        zero3_wait_all_gathers()
         deepspeed_model_init_seed()
         deepspeed_checkpoint_loading()
 

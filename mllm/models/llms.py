@@ -91,10 +91,11 @@ def build_tokenizer(cfg):
     return tokenizer
 
 
-# Decoders whose training forward (transformers 4.48: one generated body for all four)
-# ``decode_learned_rows`` mirrors; another transformers release runs HF's own forward
+# Decoders whose training forward ``decode_learned_rows`` mirrors, in the transformers
+# releases it mirrors (4.48: one generated body for all four; 5.25: one body, masks per
+# family); another release runs HF's own forward
 MIRRORED_DECODERS = ('LlamaModel', 'MistralModel', 'Qwen2Model', 'Phi3Model')
-MIRRORED_TRANSFORMERS = '4.48.'
+MIRRORED_TRANSFORMERS = ('4.48.', '5.25.')
 _NO_DROPOUT = torch.nn.Identity()  # decoder layers without Phi-3's residual dropouts
 
 
@@ -111,13 +112,15 @@ def decode_learned_rows(decoder: torch.nn.Module, inputs_embeds: torch.Tensor,
     backward through them is zero. Same values, a layer's MLP less work at the positions
     nobody reads (most of a LLaVA sample: image, system prompt, question).
 
-    Other decoder classes, and any transformers other than 4.48, run in full, then select
-    ``rows``.
+    Other decoder classes, and any transformers other than 4.48 and 5.25, run in full, then
+    select ``rows``.
     """
     if (type(decoder).__name__ not in MIRRORED_DECODERS or not decoder.config.num_hidden_layers
             or not transformers.__version__.startswith(MIRRORED_TRANSFORMERS)):
         return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                        position_ids=position_ids, use_cache=False).last_hidden_state[rows]
+    if not transformers.__version__.startswith('4.'):
+        return _decode_learned_rows_v5(decoder, inputs_embeds, rows, attention_mask, position_ids)
     length = inputs_embeds.shape[1]
     cache_position = torch.arange(length, device=inputs_embeds.device)
     if position_ids is None:
@@ -149,6 +152,53 @@ def _last_layer_at_rows(layer, norm, hidden, mask, position_ids, cache_position,
         hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
         position_ids=position_ids, past_key_value=None, output_attentions=False,
         use_cache=False, cache_position=cache_position, position_embeddings=position_embeddings)
+    hidden = (hidden + getattr(layer, 'resid_attn_dropout', _NO_DROPOUT)(attended))[rows]
+    mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
+    return norm(hidden + getattr(layer, 'resid_mlp_dropout', _NO_DROPOUT)(mlp_out))
+
+
+def _decode_learned_rows_v5(decoder, inputs_embeds, rows, attention_mask, position_ids):
+    """``decode_learned_rows`` for transformers 5.25: the decoders' forward without a
+    cache. Masks come from ``masking_utils`` as each family builds them (Qwen2 per layer
+    type, Mistral/Phi-3 sliding-window when configured); a layer checkpoints its own
+    ``forward`` when gradient checkpointing is on, so it is just called."""
+    from transformers import masking_utils
+
+    if position_ids is None:
+        position_ids = torch.arange(inputs_embeds.shape[1],
+                                    device=inputs_embeds.device).unsqueeze(0)
+    config = decoder.config
+    mask_kwargs = dict(config=config, inputs_embeds=inputs_embeds,
+                       attention_mask=attention_mask, cache=None, position_ids=position_ids)
+    layers = decoder.layers[:config.num_hidden_layers]
+    if hasattr(decoder, 'has_sliding_layers'):  # Qwen2: one mask per layer type
+        masks = {'full_attention': masking_utils.create_causal_mask(**mask_kwargs)}
+        if decoder.has_sliding_layers:
+            masks['sliding_attention'] = masking_utils.create_sliding_window_causal_mask(
+                **mask_kwargs)
+        layer_masks = [masks[config.layer_types[i]] for i in range(len(layers))]
+    else:
+        create = (masking_utils.create_causal_mask
+                  if getattr(config, 'sliding_window', None) is None
+                  else masking_utils.create_sliding_window_causal_mask)
+        layer_masks = [create(**mask_kwargs)] * len(layers)
+    position_embeddings = decoder.rotary_emb(inputs_embeds, position_ids=position_ids)
+    hidden = inputs_embeds
+    for layer, mask in zip(layers[:-1], layer_masks[:-1]):
+        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                       position_embeddings=position_embeddings)
+    last = functools.partial(_last_layer_at_rows_v5, layers[-1], decoder.norm)
+    args = (hidden, layer_masks[-1], position_ids, position_embeddings, rows)
+    if layers[-1].gradient_checkpointing and layers[-1].training and torch.is_grad_enabled():
+        return layers[-1]._gradient_checkpointing_func(last, *args)
+    return last(*args)
+
+
+def _last_layer_at_rows_v5(layer, norm, hidden, mask, position_ids, position_embeddings, rows):
+    """``_last_layer_at_rows`` with transformers 5.25's attention call."""
+    attended, _ = layer.self_attn(
+        hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
+        position_ids=position_ids, position_embeddings=position_embeddings)
     hidden = (hidden + getattr(layer, 'resid_attn_dropout', _NO_DROPOUT)(attended))[rows]
     mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
     return norm(hidden + getattr(layer, 'resid_mlp_dropout', _NO_DROPOUT)(mlp_out))

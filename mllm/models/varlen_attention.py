@@ -11,7 +11,8 @@ own slice of q/k/v: attention costs what the samples need, and no mask is built.
 The segments travel as the attention mask itself: a 1-D int32 tensor of boundaries
 (flash-attention's ``cu_seqlens``, from ``segment_starts``). transformers never makes a
 1-D mask, so the SDPA attention function can tell it apart
-(``mllm.engine.patches.sdpa_segment_masks``), and as the mask it reaches every decoder
+(``mllm.engine.patches.sdpa_segment_masks``; under transformers 5 with
+``pass_segment_masks_v5``), and as the mask it reaches every decoder
 layer, also when gradient checkpointing recomputes the layer in the backward pass.
 """
 from typing import List, Optional, Tuple
@@ -74,3 +75,24 @@ def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
             qs, ks, vs, dropout_p=dropout, scale=scaling, is_causal=True)
         for qs, ks, vs in zip(*(x.split(lengths, dim=2) for x in (q, k, v)))], dim=2)
     return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
+
+
+def pass_segment_masks_v5() -> None:
+    """transformers 5 builds every decoder's mask in ``masking_utils.create_causal_mask``
+    (and its sliding-window sibling), which ends in the mask function registered for the
+    attention implementation, ``ALL_MASK_ATTENTION_FUNCTIONS['sdpa']``: let that return a
+    segment mask (1-D) unchanged, so it reaches the SDPA attention function as the mask.
+    Every other mask keeps upstream's path. Idempotent."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS['sdpa']
+    if hasattr(sdpa_mask, 'passes_segments'):
+        return
+
+    def segment_or_sdpa_mask(*args, attention_mask=None, **kwargs):
+        if is_segment_mask(attention_mask):
+            return attention_mask
+        return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+    segment_or_sdpa_mask.passes_segments = sdpa_mask
+    ALL_MASK_ATTENTION_FUNCTIONS['sdpa'] = segment_or_sdpa_mask

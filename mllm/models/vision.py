@@ -4,12 +4,14 @@ Every encoder exposes ``out_channels`` and ``num_visual_tokens(image_size)`` so 
 the composed model can size its projector and ``mllm inspect`` can count tokens
 without running a forward pass.
 """
+import inspect
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from mllm.models.hf_utils import from_pretrained_locally
 from mllm.registry import MODELS
@@ -51,6 +53,13 @@ class CLIPVisionEncoder(nn.Module):
         self.select_layer = select_layer
         self.select_feature = select_feature
         self.grad_checkpointing = False
+        self._register_load_state_dict_pre_hook(_clip_keys_for_this_release, with_module=True)
+
+    @property
+    def vision(self) -> nn.Module:
+        """The transformer itself: ``CLIPVisionModel.vision_model`` up to transformers 4.x;
+        transformers 5 dropped that wrapper (its modules sit on ``CLIPVisionModel``)."""
+        return getattr(self.model, 'vision_model', self.model)
 
     @property
     def out_channels(self) -> int:
@@ -84,13 +93,13 @@ class CLIPVisionEncoder(nn.Module):
         """Parameters that never reach the output (layers after ``select_layer`` and the
         final LayerNorm): kept so checkpoints and counts match the published tower, but
         frozen, so DDP does not wait for gradients that never come."""
-        vision = self.model.vision_model
+        vision = self.vision
         yield from vision.post_layernorm.parameters()
         for layer in vision.encoder.layers[self.num_used_layers:]:
             yield from layer.parameters()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        vision = self.model.vision_model
+        vision = self.vision
         dtype = vision.embeddings.patch_embedding.weight.dtype
         # other input sizes (slices, keep-aspect) interpolate the position embedding (bicubic)
         interpolate = tuple(pixel_values.shape[-2:]) != (self.model.config.image_size,) * 2
@@ -99,7 +108,35 @@ class CLIPVisionEncoder(nn.Module):
         # run only the layers up to select_layer: the rest would be computed and discarded
         for layer in vision.encoder.layers[:self.num_used_layers]:
             if self.grad_checkpointing and self.training:
-                hidden = checkpoint(layer, hidden, None, None, use_reentrant=False)[0]
+                hidden = checkpoint(_clip_layer, layer, hidden, use_reentrant=False)
             else:
-                hidden = layer(hidden, None, None)[0]
+                hidden = _clip_layer(layer, hidden)
         return hidden[:, 1:] if self.select_feature == 'patch' else hidden
+
+
+def _clip_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """One ``CLIPEncoderLayer`` without masks: transformers 4.x takes (hidden, attention_mask,
+    causal_attention_mask) and returns a tuple, 5.x takes (hidden, attention_mask) and
+    returns the tensor."""
+    if _CLIP_LAYER_TAKES_CAUSAL_MASK:
+        return layer(hidden, None, None)[0]
+    out = layer(hidden, None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+_CLIP_LAYER_TAKES_CAUSAL_MASK = 'causal_attention_mask' in inspect.signature(
+    CLIPEncoderLayer.forward).parameters
+
+
+def _clip_keys_for_this_release(module, state_dict, prefix, *args) -> None:
+    """State dicts name the tower's weights ``model.vision_model.*`` under transformers 4.x
+    and ``model.*`` under 5.x (``CLIPVisionModel`` lost its ``vision_model`` wrapper):
+    rename a checkpoint's keys to the running release's layout, so checkpoints written
+    under either load."""
+    wrapped, flat = prefix + 'model.vision_model.', prefix + 'model.'
+    if hasattr(module.model, 'vision_model'):  # transformers 4.x
+        for key in [k for k in state_dict if k.startswith(flat) and not k.startswith(wrapped)]:
+            state_dict[wrapped + key[len(flat):]] = state_dict.pop(key)
+    else:
+        for key in [k for k in state_dict if k.startswith(wrapped)]:
+            state_dict[flat + key[len(wrapped):]] = state_dict.pop(key)
