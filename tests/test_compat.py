@@ -151,3 +151,28 @@ def test_clip_tower_loads_state_dicts_of_either_transformers_layout():
         target.load_state_dict(dict(checkpoint), strict=True)
         assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(),
                                                      state.values()))
+
+
+def test_a_checkpoint_written_under_the_old_pins_loads_with_the_same_logits():
+    """Item 5 of issue 22: tests/fixtures/old_pins was written once under transformers 4.48
+    (mllm 1d65512, its CLIP tower under ``vision_model.*``): a full tiny-LLaVA state dict in
+    the checksummed checkpoint format, and its logits on fixed inputs. On the current stack it
+    loads strictly (no missing or unexpected key) through the safe loader and gives the same
+    logits."""
+    import json
+    import os
+
+    import torch
+    from mmengine.config import Config
+
+    from mllm.engine.inference import load_model
+    folder = os.path.join(os.path.dirname(__file__), 'fixtures', 'old_pins')
+    with open(os.path.join(folder, 'model_config.json')) as f:
+        cfg = Config(dict(model=json.load(f)))
+    model = load_model(cfg, os.path.join(folder, 'iter_1.pth'))
+    expected = torch.load(os.path.join(folder, 'expected.pth'), weights_only=True)
+    with torch.no_grad():
+        out = model(input_ids=expected['input_ids'], pixel_values=expected['pixel_values'],
+                    mode='tensor')
+    logits = out['logits'] if isinstance(out, dict) else out
+    assert (logits - expected['logits']).abs().max() < 1e-5
