@@ -17,5 +17,5 @@ setup(
     install_requires=requirements('requirements.txt'),
     entry_points={'console_scripts': ['mllm = mllm.cli:main'],
                   # `python -m lmms_eval --model mllm` (lmms-eval >= 0.6; optional dependency)
-                  'lmms_eval.models': ['mllm = mllm.engine.lmms_eval_adapter:manifest']},
+                  'lmms_eval.models': ['mllm = mllm.evaluation.lmms_eval_adapter:manifest']},
 )

@@ -7,7 +7,7 @@ import torch
 
 from mllm.datasets.collate import (flat_llava_collate, llava_collate, pack_rows,
                                    packed_llava_collate)
-from mllm.engine.benchmark import (A100_BF16_PEAK, collapse_image_runs, project_hours,
+from mllm.bench.benchmark import (A100_BF16_PEAK, collapse_image_runs, project_hours,
                                    train_flops_per_sample)
 from mllm.registry import MODELS
 
@@ -230,7 +230,7 @@ def test_mllm_loss_equals_stock_xtuner_loss(saved_tiny_checkpoints, tiny_model_c
     from transformers import AutoModelForCausalLM, CLIPVisionModel
     from xtuner.model import LLaVAModel as XTunerLLaVA
 
-    from mllm.engine.benchmark import copy_projector
+    from mllm.bench.benchmark import copy_projector
     cfg = dict(tiny_model_cfg, trainable=['projector', 'llm'])
     cfg['llm'] = dict(type='HFCausalLM', pretrained=saved_tiny_checkpoints['llm'],
                       attn_implementation='sdpa')
@@ -291,7 +291,7 @@ def test_flops_per_sample_and_projection():
 
 def test_bench_step_cpu_path():
     """The GPU script's step on a tiny config, on CPU: consistent throughput arithmetic."""
-    from mllm.engine.benchmark import bench_step
+    from mllm.bench.benchmark import bench_step
     from mllm.engine.config import load_config
     result = bench_step(load_config('configs/tiny/tiny_llava_synthetic.py'), device='cpu',
                         steps=1, batch=2, text_tokens=20)
@@ -338,7 +338,7 @@ def test_packed_collate_keeps_boxes_with_their_images():
 
 def test_recipe_flops_vicuna7b_finetune_on_meta():
     """FLOPs per sample of the LLaVA-1.5 7B finetune from its architecture (no weights)."""
-    from mllm.engine.benchmark import recipe_flops
+    from mllm.bench.benchmark import recipe_flops
     from mllm.engine.config import load_config
     result = recipe_flops(load_config('llava15_vicuna7b_finetune'), 'finetune')
     assert result['seq_len'] == 1 + 576 + 300 and result['llm_trainable']

@@ -68,7 +68,7 @@ def logits(model, batch):
 
 
 def sample_batch(tokenizer, template, image_processor, image_path):
-    from mllm.engine.inference import load_image, prompt_inputs
+    from mllm.inference.inference import load_image, prompt_inputs
     conversation = [{'from': 'human', 'value': '<image>\nWhat colour is the shape?'},
                     {'from': 'gpt', 'value': 'It is red.'},
                     {'from': 'human', 'value': 'How many are there?'}]
@@ -80,7 +80,7 @@ def sample_batch(tokenizer, template, image_processor, image_path):
 
 def test_chat_prompt_is_the_training_encoding_of_the_same_turns(tmp_path, tokenizer_dir,
                                                                  image_path):
-    from mllm.engine.inference import load_for_inference, load_image, prompt_inputs
+    from mllm.inference.inference import load_for_inference, load_image, prompt_inputs
     from mllm.registry import DATASETS
 
     cfg = tiny_cfg(tokenizer_dir)
@@ -115,8 +115,8 @@ def test_chat_prompt_is_the_training_encoding_of_the_same_turns(tmp_path, tokeni
 @pytest.mark.parametrize('variant', ['full', 'lora_merged', 'lora_adapter'])
 def test_export_round_trip_gives_the_training_logits(variant, tmp_path, tokenizer_dir,
                                                      image_path):
-    from mllm.engine.export import load_pretrained
-    from mllm.engine.inference import load_model
+    from mllm.inference.export import load_pretrained
+    from mllm.inference.inference import load_model
 
     cfg = tiny_cfg(tokenizer_dir, lora=None if variant == 'full' else LORA)
     ckpt = save_checkpoint(cfg, tmp_path / 'iter_1.pth')
@@ -157,7 +157,7 @@ def test_export_llava_hf_layout_loads_in_transformers_with_equal_logits(tmp_path
                                                                           image_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from mllm.engine.inference import load_for_inference
+    from mllm.inference.inference import load_for_inference
 
     cfg = tiny_cfg(tokenizer_dir)
     ckpt = save_checkpoint(cfg, tmp_path / 'iter_1.pth')
@@ -190,7 +190,7 @@ def test_llava_hf_export_adds_the_image_token_and_resizes(tmp_path, tokenizer_di
     from transformers import PreTrainedTokenizerFast
 
     from mllm.datasets.image_processing import LLaVAImageProcessor
-    from mllm.engine.export import export_llava_hf
+    from mllm.inference.export import export_llava_hf
     from mllm.registry import MODELS
 
     cfg = tiny_cfg(tokenizer_dir)
@@ -210,7 +210,7 @@ def test_llava_hf_export_adds_the_image_token_and_resizes(tmp_path, tokenizer_di
 
 
 def test_llava_hf_export_refuses_other_architectures(tokenizer_dir):
-    from mllm.engine.export import export_llava_hf
+    from mllm.inference.export import export_llava_hf
     from mllm.registry import MODELS
 
     cfg = tiny_cfg(tokenizer_dir)
@@ -223,7 +223,7 @@ def test_llava_hf_export_refuses_other_architectures(tokenizer_dir):
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory, tokenizer_dir):
-    from mllm.engine.export import export_pretrained
+    from mllm.inference.export import export_pretrained
 
     root = tmp_path_factory.mktemp('chat')
     cfg = tiny_cfg(tokenizer_dir)
@@ -233,8 +233,8 @@ def exported(tmp_path_factory, tokenizer_dir):
 
 
 def test_chat_one_shot_streams_the_greedy_answer(exported, image_path, capsys):
-    from mllm.engine.export import load_pretrained
-    from mllm.engine.inference import generate_reply, load_image, prompt_inputs
+    from mllm.inference.export import load_pretrained
+    from mllm.inference.inference import generate_reply, load_image, prompt_inputs
 
     question = 'What colour is the shape?'
     assert main(['chat', exported['out'], '--image', image_path, '--prompt', question,

@@ -83,7 +83,7 @@ for name in [m for m in sys.modules if m.startswith('xtuner')]:
     del sys.modules[name]
 from mllm.engine.loops import TrainLoop
 from mllm.datasets.samplers import LengthGroupedSampler
-import mllm.engine.benchmark
+import mllm.bench.benchmark
 from xtuner.engine.runner import TrainLoop as XTunerTrainLoop
 from xtuner.model import LLaVAModel
 from xtuner.dataset import LLaVADataset
@@ -99,7 +99,7 @@ print('BARE', transformers.__version__.split('.')[0], bare)
 
 def test_xtuner_imports_through_mllm_in_a_fresh_process():
     """What mllm takes from XTuner loads after ``mllm.engine.loops`` /
-    ``mllm.datasets.samplers`` / ``mllm.engine.benchmark`` (which apply the patches first);
+    ``mllm.datasets.samplers`` / ``mllm.bench.benchmark`` (which apply the patches first);
     without them, transformers 5 fails that import (the patch's upstream reason)."""
     out = subprocess.run([sys.executable, '-c', XTUNER_IMPORTS], capture_output=True,
                          text=True, timeout=300)
@@ -165,7 +165,7 @@ def test_a_checkpoint_written_under_the_old_pins_loads_with_the_same_logits():
     import torch
     from mmengine.config import Config
 
-    from mllm.engine.inference import load_model
+    from mllm.inference.inference import load_model
     folder = os.path.join(os.path.dirname(__file__), 'fixtures', 'old_pins')
     with open(os.path.join(folder, 'model_config.json')) as f:
         cfg = Config(dict(model=json.load(f)))

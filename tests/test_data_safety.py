@@ -74,8 +74,8 @@ def test_16bit_images_in_memory_are_scaled_by_the_format_range(mode):
 
 def test_16bit_png_reaches_training_chat_and_eval_scaled(tiny_llava_files, tiny_tokenizer,
                                                         tiny_image_processor):
-    from mllm.datasets.benchmarks import open_image
-    from mllm.engine.inference import load_image
+    from mllm.evaluation.benchmarks import open_image
+    from mllm.inference.inference import load_image
 
     path = image_path(tiny_llava_files)
     Image.fromarray(np.full((32, 32), 257 * 40, np.uint16)).save(path)  # I;16
@@ -147,7 +147,7 @@ def test_decompression_bomb_is_a_named_bad_sample_that_skip_skips(case, tiny_lla
 
 
 def test_decompression_bomb_in_chat_names_the_file(tmp_path):
-    from mllm.engine.inference import load_image
+    from mllm.inference.inference import load_image
 
     path = tmp_path / 'bomb.png'
     path.write_bytes(png_header(30000, 30000))

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from mllm.cli import main
-from mllm.datasets.benchmarks import load_benchmark
-from mllm.engine.evaluation import evaluate, normalize_vqa_answer, vqa_accuracy
+from mllm.evaluation.benchmarks import load_benchmark
+from mllm.evaluation.evaluation import evaluate, normalize_vqa_answer, vqa_accuracy
 
 TINY = 'configs/tiny/tiny_llava_synthetic.py'
 
@@ -187,7 +187,7 @@ def test_bad_benchmark_files_fail_clearly(tmp_path, capsys):
 
 def test_mllm_eval_end_to_end_on_pope_with_the_tiny_model(tmp_path, tiny_tokenizer):
     from mllm.engine.config import load_config
-    from mllm.engine.evaluation import pope_metrics
+    from mllm.evaluation.evaluation import pope_metrics
     from mllm.registry import MODELS
 
     tokenizer_dir = str(tmp_path / 'tokenizer')

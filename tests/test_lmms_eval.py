@@ -1,4 +1,4 @@
-"""The lmms-eval adapter (mllm.engine.lmms_eval_adapter) on a tiny exported model.
+"""The lmms-eval adapter (mllm.evaluation.lmms_eval_adapter) on a tiny exported model.
 
 lmms-eval is optional and not installed here, so most tests put a stand-in for the three
 modules the adapter imports into ``sys.modules``; it copies the signatures of lmms-eval 0.7.3
@@ -18,7 +18,7 @@ from PIL import Image
 
 from test_chat_export import save_checkpoint, tiny_cfg
 
-ADAPTER = 'mllm.engine.lmms_eval_adapter'
+ADAPTER = 'mllm.evaluation.lmms_eval_adapter'
 QUESTION = 'What colour is the shape?'
 
 
@@ -130,7 +130,7 @@ def request(lmms_eval, request_type, args, doc_id=0):
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory, tiny_tokenizer):
-    from mllm.engine.export import export_pretrained
+    from mllm.inference.export import export_pretrained
 
     root = tmp_path_factory.mktemp('lmms')
     tiny_tokenizer.save_pretrained(str(root / 'tokenizer'))
@@ -163,7 +163,7 @@ def one_image(doc):
 
 def chat_answer(model, image, question, max_new_tokens=6):
     """What `mllm chat` answers: prompt_inputs + generate_reply (greedy)."""
-    from mllm.engine.inference import generate_reply, prompt_inputs
+    from mllm.inference.inference import generate_reply, prompt_inputs
 
     value = f'<image>\n{question}' if image is not None else question
     batch = prompt_inputs([{'from': 'human', 'value': value}], model.tokenizer, model.template,
@@ -192,7 +192,7 @@ def test_registration_model_args_and_import_guard(lmms_eval, lm, exported, monke
     assert lm.batch_size == 1 and lm.max_new_tokens == 6 and str(lm.device) == 'cpu'
     adapter.register()  # the launcher's in-process registration (0.3-0.5 style here)
     assert lmms_eval.modules['lmms_eval.models'].AVAILABLE_SIMPLE_MODELS['mllm'] == (
-        'mllm.engine.lmms_eval_adapter.MLLMLmms')
+        'mllm.evaluation.lmms_eval_adapter.MLLMLmms')
     with pytest.raises(TypeError, match=r"unknown model_args \['max_new_token'\]"):
         adapter.MLLMLmms.create_from_arg_string(f'pretrained={exported},max_new_token=3')
     with pytest.raises(ValueError, match="dtype must be one of .* got 'bf16'"):
@@ -240,7 +240,7 @@ def test_until_truncates_and_sampling_needs_temperature(lmms_eval, lm, chat_answ
 
 def reference_logprob(lm, doc, continuation_ids):
     """Sum of log-probs of ``continuation_ids`` after the chat prompt, from the logits."""
-    from mllm.engine.inference import prompt_inputs
+    from mllm.inference.inference import prompt_inputs
 
     batch = prompt_inputs([{'from': 'human', 'value': f'<image>\n{QUESTION}'}], lm.tokenizer,
                           lm.template, lm.image_processor, doc['image'])
@@ -254,7 +254,7 @@ def reference_logprob(lm, doc, continuation_ids):
 
 
 def test_loglikelihood_is_the_mean_token_loss_and_flags_greedy(lmms_eval, lm, docs):
-    from mllm.engine.inference import prompt_inputs, stop_token_ids
+    from mllm.inference.inference import prompt_inputs, stop_token_ids
 
     doc = docs[0]
     batch = prompt_inputs([{'from': 'human', 'value': f'<image>\n{QUESTION}'}], lm.tokenizer,
@@ -289,7 +289,7 @@ def test_unsupported_visuals_fail_naming_the_doc(lmms_eval, lm, case):
 
 def test_launcher_registers_the_model_and_fails_when_an_evaluation_fails(lmms_eval, monkeypatch,
                                                                           capsys):
-    """``python -m mllm.engine.lmms_eval_adapter ARGS`` runs lmms-eval's CLI (a stand-in here
+    """``python -m mllm.evaluation.lmms_eval_adapter ARGS`` runs lmms-eval's CLI (a stand-in here
     that, like lmms-eval 0.7.3, logs evaluation errors and returns normally)."""
     evaluator, seen = lmms_eval.modules['lmms_eval.evaluator'], []
 
@@ -313,7 +313,7 @@ def test_launcher_registers_the_model_and_fails_when_an_evaluation_fails(lmms_ev
     main = lmms_eval.adapter.main
     assert main(['--model', 'mllm', '--model_args', 'pretrained=good']) == 0
     assert main(['--model', 'mllm', '--model_args', 'pretrained=bad']) == 1
-    assert seen == ['mllm.engine.lmms_eval_adapter.MLLMLmms'] * 2
+    assert seen == ['mllm.evaluation.lmms_eval_adapter.MLLMLmms'] * 2
     assert "evaluation failed: ValueError('no such folder')" in capsys.readouterr().err
     assert evaluator.simple_evaluate is simple_evaluate  # restored
 

@@ -279,8 +279,8 @@ def test_tiny_mgllava_trains_and_chats_with_boxes(tmp_path, synthetic, capsys):
 
     # export: a self-contained folder with both encoders, fusion and bbox projector whose
     # logits equal the training model's on a batch with boxes
-    from mllm.engine.export import load_pretrained
-    from mllm.engine.inference import load_model
+    from mllm.inference.export import load_pretrained
+    from mllm.inference.inference import load_model
     out = tmp_path / 'export'
     config = 'configs/tiny/tiny_mgllava_synthetic.py'
     tokenizer_option = f'tokenizer.pretrained={synthetic["tokenizer"]}'
@@ -319,7 +319,7 @@ def test_chat_prompt_with_boxes_is_the_training_encoding(synthetic):
     """MG-LLaVA's public chat preprocessed images and boxes unlike its training; here both
     go through the same code (select_boxes, the image processor, the template)."""
     from mllm.datasets.boxes import load_box_file
-    from mllm.engine.inference import last_answer_start, load_image, prompt_inputs
+    from mllm.inference.inference import last_answer_start, load_image, prompt_inputs
 
     cfg = load_config('configs/tiny/tiny_mgllava_synthetic.py',
                       {'tokenizer.pretrained': synthetic['tokenizer']})

@@ -14,7 +14,7 @@ from mllm.datasets.collate import llava_collate
 from mllm.datasets.templates import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, build_generation_prompt,
                                      encode_conversation)
 from mllm.engine.hooks import TrainableCheckpointHook
-from mllm.engine.inference import load_model
+from mllm.inference.inference import load_model
 from mllm.models import CLIPVisionEncoder, HFCausalLM, MLPProjector, build_tokenizer
 from mllm.registry import MODELS
 

@@ -1,11 +1,11 @@
-"""`mllm plan`: per-GPU memory under each ZeRO stage (formulas in mllm.engine.memory)."""
+"""`mllm plan`: per-GPU memory under each ZeRO stage (formulas in mllm.bench.memory)."""
 import json
 
 import pytest
 
 from mllm.cli import main
 from mllm.engine.config import load_config
-from mllm.engine.memory import STAGES, Transformer, activation_gb, model_state_gb, plan_memory
+from mllm.bench.memory import STAGES, Transformer, activation_gb, model_state_gb, plan_memory
 from helpers import swap_config
 
 

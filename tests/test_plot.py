@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mllm.cli import main
-from mllm.cli.plot import read_run
+from mllm.evaluation.curves import read_run
 from mllm.engine.config import CONFIG_ROOT
 
 REPO = os.path.dirname(CONFIG_ROOT)

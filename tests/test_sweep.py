@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mllm.cli import main
-from mllm.engine import sweep as sweeps
+from mllm.sweep import sweep as sweeps
 from mllm.engine.config import CONFIG_ROOT, load_config
 
 REPO = os.path.dirname(CONFIG_ROOT)
@@ -176,7 +176,7 @@ def killed_sweep(tmp_path_factory, synthetic):
 
 
 def test_killed_sweep_resumes_without_redoing_a_finished_member(killed_sweep):
-    from mllm.cli.plot import read_run
+    from mllm.evaluation.curves import read_run
 
     work, rerun = killed_sweep['work'], killed_sweep['rerun']
     assert killed_sweep['orphans'] == []

@@ -37,7 +37,7 @@ class EvilModel(LlamaForCausalLM):
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory, tokenizer_dir):  # noqa: F811
-    from mllm.engine.export import export_pretrained
+    from mllm.inference.export import export_pretrained
 
     root = tmp_path_factory.mktemp('trust')
     cfg = tiny_cfg(tokenizer_dir)
@@ -123,7 +123,7 @@ def test_export_never_writes_trust_remote_code(tokenizer_dir, tmp_path):  # noqa
     """A training config that turns remote code on (the user's own choice) exports a folder
     that does not: whoever loads it decides."""
     from mllm.engine.config import load_config
-    from mllm.engine.export import export_pretrained, load_pretrained
+    from mllm.inference.export import export_pretrained, load_pretrained
 
     cfg = load_config('configs/tiny/tiny_llava_synthetic.py', {
         'tokenizer.pretrained': tokenizer_dir, 'llm.trust_remote_code': True,

@@ -193,7 +193,7 @@ def test_inspect_reports_slices_and_visual_tokens(size, slices, tokens, capsys):
 
 
 def test_uhd_recipes_train_the_right_parts():
-    from mllm.cli.inspect import inspect_config
+    from mllm.bench.inspect import inspect_config
     from mllm.engine.config import load_config
     for llm, hidden in [('vicuna7b', 4096), ('vicuna13b', 5120)]:
         pretrain = inspect_config(load_config(f'uhd_{llm}_pretrain'))
@@ -235,7 +235,7 @@ def test_eval_prompt_is_the_training_prefix_for_slices(tmp_path, tiny_tokenizer)
 
     from mllm.datasets.llava import LLaVADataset, expand_image_placeholder
     from mllm.datasets.templates import build_generation_prompt
-    from mllm.engine.inference import last_answer_start
+    from mllm.inference.inference import last_answer_start
     Image.new('RGB', (64, 64), (10, 200, 10)).save(tmp_path / 'sq.png')
     turns = [{'from': 'human', 'value': '<image>\nWhat colour is the shape?'},
              {'from': 'gpt', 'value': 'green'}]

@@ -2,7 +2,7 @@
 # One full-size training step (random weights, bf16, SDPA, gradient checkpointing as the
 # recipe sets it) per recipe on one GPU: tokens/s, TFLOP/s, MFU against the A100 bf16
 # peak and the projected 8xA100 hours for one epoch of the stage's data
-# (mllm.engine.benchmark.bench_step; figures and assumptions in docs/performance.md).
+# (mllm.bench.benchmark.bench_step; figures and assumptions in docs/performance.md).
 #
 #   tools/bench_gpu.sh            # on a GPU machine, one JSON line per recipe
 #   tools/bench_gpu.sh --tiny     # CPU check of the same path on the tiny config

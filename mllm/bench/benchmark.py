@@ -697,7 +697,7 @@ def bench_scale(work_dir: str, steps: int = 3) -> dict:
         spec = json.dumps(dict(vision=vision, side=side, stride=stride, llm_layers=layers,
                                batch=batch, text_tokens=text, steps=steps))
         code = ('import json, sys, torch; torch.set_num_threads(%d); '
-                'from mllm.engine.benchmark import scale_point; '
+                'from mllm.bench.benchmark import scale_point; '
                 'print(json.dumps(scale_point(**json.loads(sys.argv[1]))))'
                 % torch.get_num_threads())
         out = subprocess.run([sys.executable, '-c', code, spec], capture_output=True,
@@ -721,7 +721,7 @@ def bench_memory(work_dir: str, stages=('zero1', 'zero2', 'zero3'), iters: int =
 
     from mllm.datasets.synthetic import generate_synthetic_vqa
     from mllm.engine.config import CONFIG_ROOT, load_config
-    from mllm.engine.memory import plan_memory
+    from mllm.bench.memory import plan_memory
 
     data = generate_synthetic_vqa(osp.join(work_dir, 'synthetic'), num_train=128, num_val=0)
     config = osp.join(work_dir, 'tiny_llava_memory.py')
@@ -790,7 +790,7 @@ def recipe_flops(cfg, stage: str = 'finetune', text_tokens: Optional[int] = None
     from torch.utils.flop_counter import FlopCounterMode
 
     import mllm.models  # noqa: F401
-    from mllm.cli.inspect import build_on_meta
+    from mllm.bench.inspect import build_on_meta
     from mllm.registry import TRANSFORMS
 
     model = build_on_meta(cfg)

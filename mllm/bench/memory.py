@@ -123,7 +123,7 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
         overhead_gb: fixed per-GPU overhead. Defaults to ``CUDA_OVERHEAD_GB``.
     """
     if report is None:
-        from mllm.cli.inspect import inspect_config
+        from mllm.bench.inspect import inspect_config
         report = inspect_config(cfg)
     loader = cfg.train_dataloader
     seq = seq_len or loader.dataset.get('max_length', 2048)

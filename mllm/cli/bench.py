@@ -67,7 +67,7 @@ def _print(result: dict, as_json: bool) -> None:
 def run(args) -> int:
     import torch
 
-    from mllm.engine import benchmark
+    from mllm.bench import benchmark
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

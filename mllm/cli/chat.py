@@ -78,7 +78,7 @@ def read_box_entry(path: str, image_path: str) -> dict:
 
 def run(args) -> int:
     from mllm.datasets.templates import IMAGE_TOKEN
-    from mllm.engine.inference import (generate_reply, load_for_inference, load_image,
+    from mllm.inference.inference import (generate_reply, load_for_inference, load_image,
                                        prompt_inputs)
 
     if args.max_new_tokens < 1:

@@ -29,8 +29,8 @@ def run(args) -> int:
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     from mllm.engine.checkpoint import trust_checkpoint
     from mllm.engine.config import load_config
-    from mllm.engine.export import export_llava_hf, export_pretrained, inference_settings
-    from mllm.engine.inference import load_model
+    from mllm.inference.export import export_llava_hf, export_pretrained, inference_settings
+    from mllm.inference.inference import load_model
 
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
@@ -46,7 +46,7 @@ def run(args) -> int:
         export_pretrained(cfg, args.out_dir, model=model, keep_adapter=args.keep_adapter,
                           overwrite=True)
     else:
-        from mllm.models.llms import build_tokenizer
+        from mllm.datasets.tokenizers import build_tokenizer
         from mllm.registry import TRANSFORMS
 
         tokenizer_cfg, _, processor_cfg = inference_settings(cfg)

@@ -93,35 +93,9 @@ def evaluate(name: str, args, blank_images: bool) -> dict:
     work_dir = os.path.join(args.work_dir, name)
     with open(os.path.join(work_dir, 'last_checkpoint')) as f:
         checkpoint = os.path.join(work_dir, f.read().strip())  # relative to the work dir
+    from mllm.evaluation.synthetic import score_synthetic
     return score_synthetic(cfg, checkpoint, args.data_dir, blank_images,
                            os.path.join(work_dir, 'predictions.jsonl'))
-
-
-def score_synthetic(cfg, checkpoint: str, data_dir: str, blank_images: bool,
-                    predictions_path: str) -> dict:
-    """Greedy answers of ``cfg``'s model at ``checkpoint`` to ``<data_dir>/val.json``: overall
-    and per-category accuracy (also ``mllm sweep --eval synthetic:DIR``)."""
-    from mllm.datasets.synthetic import CATEGORIES, answer_matches
-    from mllm.engine.inference import answer_questions, load_model
-    from mllm.registry import DATASETS
-
-    model = load_model(cfg, checkpoint)
-    dataset_cfg = dict(cfg.train_dataloader.dataset, data_path=f'{data_dir}/val.json',
-                       image_folder=f'{data_dir}/images', blank_images=blank_images)
-    dataset = DATASETS.build(dataset_cfg)
-    predictions = answer_questions(model, dataset)
-    per_category = {c: [0, 0] for c in CATEGORIES}
-    with open(predictions_path, 'w') as f:
-        for sample, prediction in zip(dataset.samples, predictions):
-            answer = sample['conversations'][-1]['value']
-            correct = answer_matches(prediction, answer)
-            per_category[sample['category']][0] += correct
-            per_category[sample['category']][1] += 1
-            f.write(json.dumps(dict(id=sample['id'], category=sample['category'], answer=answer,
-                                    prediction=prediction, correct=correct)) + '\n')
-    correct = sum(c for c, _ in per_category.values())
-    return dict(accuracy=correct / len(dataset), checkpoint=checkpoint,
-                per_category={c: round(k / n, 4) for c, (k, n) in per_category.items() if n})
 
 
 def print_table(results: dict) -> None:
@@ -162,7 +136,7 @@ def run(args) -> int:
         json.dump(results, f, indent=2)
     print(f'results: {os.path.join(args.work_dir, "results.json")} '
           f'({results["total_seconds"]:.0f} s)')
-    from mllm.cli.plot import plot_runs, read_run
+    from mllm.evaluation.curves import plot_runs, read_run
     curves = os.path.join(args.work_dir, 'curves.png')
     try:
         plot_runs({name: read_run(os.path.join(args.work_dir, name)) for name in models}, curves)

@@ -1,6 +1,6 @@
 """``mllm eval MODEL --bench NAME --data PATH [--image-folder DIR] [--out DIR]``: answer a
-benchmark in its public file format (``mllm.datasets.benchmarks``) with greedy decoding and
-the training prompt path, then score it (``mllm.engine.evaluation``).
+benchmark in its public file format (``mllm.evaluation.benchmarks``) with greedy decoding and
+the training prompt path, then score it (``mllm.evaluation.evaluation``).
 
 Writes ``<out>/predictions.jsonl`` (one line per sample: question, answer, prediction,
 correct) and ``<out>/summary.json``, and prints the summary table.
@@ -10,7 +10,7 @@ import os
 
 from mmengine.config import DictAction
 
-from mllm.datasets.benchmarks import LOADERS
+from mllm.evaluation.benchmarks import LOADERS
 
 
 def add_arguments(parser):
@@ -29,9 +29,9 @@ def add_arguments(parser):
 
 def model_predictor(model, tokenizer, image_processor, template, max_new_tokens: int):
     """``predict(sample) -> str``: one greedy answer, prompted exactly as in training."""
-    from mllm.datasets.benchmarks import open_image
+    from mllm.evaluation.benchmarks import open_image
     from mllm.datasets.templates import IMAGE_TOKEN
-    from mllm.engine.inference import generate_reply, prompt_inputs
+    from mllm.inference.inference import generate_reply, prompt_inputs
 
     def predict(sample: dict) -> str:
         turn = [{'from': 'human', 'value': f"{IMAGE_TOKEN}\n{sample['prompt']}"}]
@@ -49,9 +49,9 @@ def print_summary(bench: str, summary: dict, num_samples: int) -> None:
 
 def run(args) -> int:
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
-    from mllm.datasets.benchmarks import load_benchmark
-    from mllm.engine.evaluation import evaluate
-    from mllm.engine.inference import load_for_inference
+    from mllm.evaluation.benchmarks import load_benchmark
+    from mllm.evaluation.evaluation import evaluate
+    from mllm.inference.inference import load_for_inference
 
     samples = load_benchmark(args.bench, args.data, args.image_folder)
     samples = samples[:args.limit] if args.limit else samples

@@ -1,5 +1,5 @@
 """``mllm plan CONFIG --gpus 8 --gpu-mem 80``: per-GPU memory under each ZeRO stage, whether
-it fits, and the cheapest stage that does (formulas: ``mllm.engine.memory``)."""
+it fits, and the cheapest stage that does (formulas: ``mllm.bench.memory``)."""
 import json
 
 from mmengine.config import DictAction
@@ -40,7 +40,7 @@ def print_table(report: dict) -> None:
 
 def run(args) -> int:
     from mllm.engine.config import load_config
-    from mllm.engine.memory import plan_memory
+    from mllm.bench.memory import plan_memory
 
     cfg = load_config(args.config, args.cfg_options)
     report = plan_memory(cfg, gpus=args.gpus, gpu_mem_gb=args.gpu_mem,

@@ -2,7 +2,7 @@
 config values), each member a generated two-line swap; pre-flight for every member, then
 training one after another (``--resume auto``, finished members skipped) or one sbatch
 script per member; ``--status DIR`` and ``--report DIR`` read the work dirs
-(``mllm.engine.sweep``)."""
+(``mllm.sweep.sweep``)."""
 import argparse
 import json
 import os
@@ -58,7 +58,7 @@ def print_preflight(results: dict) -> int:
 
 
 def print_status(sweep_dir: str) -> None:
-    from mllm.engine.sweep import load_sweep, member_status
+    from mllm.sweep.sweep import load_sweep, member_status
 
     print(f'{"member":<32}{"state":<9}{"step":>12}{"checkpoint":>12}{"loss":>10}')
     for member in load_sweep(sweep_dir)['members']:
@@ -70,7 +70,7 @@ def print_status(sweep_dir: str) -> None:
 
 
 def start(args) -> int:
-    from mllm.engine import sweep as sweeps
+    from mllm.sweep import sweep as sweeps
 
     if not args.recipe:
         print('mllm sweep: give a RECIPE (or --status DIR / --report DIR)', file=sys.stderr)
@@ -110,7 +110,7 @@ def start(args) -> int:
 
 
 def report(sweep_dir: str) -> int:
-    from mllm.engine.sweep import write_report
+    from mllm.sweep.sweep import write_report
 
     result = write_report(sweep_dir)
     print('\n' + open(result['paths']['md']).read())
@@ -126,7 +126,7 @@ def run(args) -> int:
     if args.report:
         return report(args.report)
     if args.finish:
-        from mllm.engine.sweep import finish_member, load_sweep
+        from mllm.sweep.sweep import finish_member, load_sweep
         sweep = load_sweep(args.finish[0])
         member = next((m for m in sweep['members'] if m.name == args.finish[1]), None)
         if member is None:

@@ -226,7 +226,7 @@ class LLaVADataset(Dataset):
                  box_file: Optional[str] = None, max_boxes: int = 100,
                  token_cache: Optional[str] = None,
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
-        from mllm.models.llms import build_tokenizer  # keeps `import mllm.datasets` light
+        from mllm.datasets.tokenizers import build_tokenizer
 
         self.data_path = data_path
         self.image_folder = image_folder

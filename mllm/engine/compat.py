@@ -6,7 +6,7 @@ MMEngine against DeepSpeed < 0.19.8. mllm takes XTuner's ``TrainLoop`` and
 ``LengthGroupedSampler`` (and, for ``mllm bench train``, its ``LLaVAModel``, datasets and
 collate function). Each patch below is one function that names the upstream change it
 bridges; ``apply_all`` runs them before XTuner is imported (``mllm.engine.loops``,
-``mllm.datasets.samplers`` and ``mllm.engine.benchmark`` call it first). Every patch is a
+``mllm.datasets.samplers`` and ``mllm.bench.benchmark`` call it first). Every patch is a
 no-op where upstream already works (transformers 4.48, DeepSpeed < 0.19.8), imports
 nothing heavy that the caller would not import anyway, and can be applied repeatedly.
 """

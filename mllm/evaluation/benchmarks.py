@@ -201,5 +201,5 @@ def open_image(sample: Dict):
         from mllm.datasets.image_processing import open_rgb
         return open_rgb(io.BytesIO(base64.b64decode(sample['image_b64'])),
                         name=f"of question {sample['id']} (image_b64)")
-    from mllm.engine.inference import load_image
+    from mllm.inference.inference import load_image
     return load_image(sample['image'])

@@ -1,4 +1,4 @@
-"""Benchmark metrics over answered samples (``mllm.datasets.benchmarks`` + a ``prediction``).
+"""Benchmark metrics over answered samples (``mllm.evaluation.benchmarks`` + a ``prediction``).
 
 Each ``*_metrics(records)`` takes the samples with a ``prediction`` string, sets
 ``record['correct']`` (written to predictions.jsonl) and returns a flat summary dict in

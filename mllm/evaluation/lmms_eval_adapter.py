@@ -1,9 +1,9 @@
 """lmms-eval model adapter: run lmms-eval's task zoo on an exported model.
 
-    python -m mllm.engine.lmms_eval_adapter --model mllm \
+    python -m mllm.evaluation.lmms_eval_adapter --model mllm \
         --model_args pretrained=OUT_DIR --tasks mme --batch_size 1 --output_path results/
 
-``python -m mllm.engine.lmms_eval_adapter`` registers the model and then runs lmms-eval's own
+``python -m mllm.evaluation.lmms_eval_adapter`` registers the model and then runs lmms-eval's own
 command line (any lmms-eval version with ``--model``); with lmms-eval >= 0.6 and mllm
 pip-installed, ``python -m lmms_eval --model mllm ...`` works too through the
 ``lmms_eval.models`` entry point declared in setup.py (``manifest`` below).
@@ -13,7 +13,7 @@ Written against lmms-eval 0.7.3 (PyPI; ``lmms_eval.api`` identical in v0.7.2): `
 ``generate_until`` args ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)`` and
 ``loglikelihood`` args ``(context, doc_to_target, doc_to_visual, doc_id, task, split)``, the doc
 being ``self.task_dict[task][split][doc_id]``. Prompts go through the chat code path
-(``mllm.engine.inference.prompt_inputs``: training template, image processor, collate), so a
+(``mllm.inference.inference.prompt_inputs``: training template, image processor, collate), so a
 benchmark sees the token layout the model trained on.
 
 lmms-eval is an optional dependency: ``import mllm`` never imports it; this module needs it.
@@ -29,18 +29,18 @@ try:
     from lmms_eval.api.model import lmms
     from lmms_eval.api.registry import register_model
 except ImportError as err:  # optional dependency
-    raise ImportError(f'mllm.engine.lmms_eval_adapter needs lmms-eval ({err}); install it with '
+    raise ImportError(f'mllm.evaluation.lmms_eval_adapter needs lmms-eval ({err}); install it with '
                       '`pip install lmms-eval` (optional, not in requirements.txt)') from err
 
 from mllm.datasets.collate import llava_collate
 from mllm.datasets.llava import expand_image_placeholder
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN, encode_conversation
-from mllm.engine.export import load_pretrained
-from mllm.engine.inference import prompt_inputs, stop_token_ids
+from mllm.inference.export import load_pretrained
+from mllm.inference.inference import prompt_inputs, stop_token_ids
 from mllm.engine.patches import lmms_eval_keep_loglikelihood_pairs
 
 MODEL_NAME = 'mllm'
-CLASS_PATH = 'mllm.engine.lmms_eval_adapter.MLLMLmms'
+CLASS_PATH = 'mllm.evaluation.lmms_eval_adapter.MLLMLmms'
 # keys lmms-eval's evaluator adds to model_args (create_from_arg_string's additional_config)
 _EVALUATOR_KEYS = ('max_batch_size',)
 _DTYPES = {None: torch.float32, 'float32': torch.float32, 'bfloat16': torch.bfloat16,
@@ -165,7 +165,7 @@ class MLLMLmms(lmms):
                              f'got {dtype!r}')
         if int(os.environ.get('WORLD_SIZE', 1)) > 1:
             raise RuntimeError('the mllm adapter runs in one process (WORLD_SIZE > 1 found); '
-                               'launch `python -m mllm.engine.lmms_eval_adapter` without '
+                               'launch `python -m mllm.evaluation.lmms_eval_adapter` without '
                                'accelerate/torchrun')
         # lmms-eval passes model_args values as parsed by its handle_arg_string: True/False,
         # or the string as written when it leaves it alone
@@ -333,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         evaluator.simple_evaluate = simple_evaluate
     if failures:
-        print(f'mllm.engine.lmms_eval_adapter: error: evaluation failed: {failures[0]!r}',
+        print(f'mllm.evaluation.lmms_eval_adapter: error: evaluation failed: {failures[0]!r}',
               file=sys.stderr)
         return 1
     return 0

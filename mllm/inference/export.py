@@ -154,8 +154,8 @@ def export_pretrained(cfg, out_dir: str, checkpoint: Optional[str] = None, model
     Returns:
         str: ``out_dir``.
     """
-    from mllm.engine.inference import load_model
-    from mllm.models.llms import build_tokenizer
+    from mllm.inference.loading import load_model
+    from mllm.datasets.tokenizers import build_tokenizer
 
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f'{out_dir} exists and is not empty (choose another OUT_DIR)')
@@ -223,7 +223,7 @@ def load_pretrained(out_dir: str, trust_remote_code: bool = False):
     from safetensors.torch import load_file
 
     from mllm.datasets.templates import get_template
-    from mllm.models.llms import build_tokenizer
+    from mllm.datasets.tokenizers import build_tokenizer
     from mllm.registry import MODELS, TRANSFORMS
 
     meta = read_export_config(out_dir)

@@ -8,32 +8,7 @@ from transformers import TextStreamer
 from mllm.datasets.collate import llava_collate
 from mllm.datasets.llava import expand_image_placeholder, image_inputs
 from mllm.datasets.templates import IGNORE_INDEX, build_generation_prompt
-
-
-def load_checkpoint_state(path: str) -> Dict[str, torch.Tensor]:
-    """The model weights of an ``iter_N.pth``, loaded safely (``load_checkpoint_file``)."""
-    from mllm.engine.checkpoint import load_checkpoint_file
-    checkpoint = load_checkpoint_file(path, map_location='cpu')
-    return checkpoint.get('state_dict', checkpoint)
-
-
-def load_model(cfg, checkpoint: Optional[str] = None):
-    """Build ``cfg.model`` and load a (possibly trainable-only) checkpoint into it.
-
-    Tensors a trainable-only checkpoint leaves out must be frozen ones, which keep the
-    weights the model was built with; anything else missing is an error.
-    """
-    from mllm.registry import MODELS
-
-    model = MODELS.build(cfg.model)
-    if checkpoint is not None:
-        result = model.load_state_dict(load_checkpoint_state(checkpoint), strict=False)
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-        missing = [k for k in result.missing_keys if k not in frozen]
-        if missing or result.unexpected_keys:
-            raise ValueError(f'{checkpoint} does not fit this model: missing {missing[:5]}, '
-                             f'unexpected {result.unexpected_keys[:5]}')
-    return model.eval()
+from mllm.inference.loading import load_checkpoint_state, load_model  # noqa: F401 (re-exported)
 
 
 def last_answer_start(labels: torch.Tensor, where: str = 'the sample') -> int:
@@ -90,8 +65,8 @@ def load_for_inference(model: str, checkpoint: Optional[str] = None,
 
     from mllm.datasets.templates import get_template
     from mllm.engine.config import load_config
-    from mllm.engine.export import MLLM_CONFIG, inference_settings, load_pretrained
-    from mllm.models.llms import build_tokenizer
+    from mllm.inference.export import MLLM_CONFIG, inference_settings, load_pretrained
+    from mllm.datasets.tokenizers import build_tokenizer
     from mllm.registry import TRANSFORMS
 
     if os.path.isdir(model):

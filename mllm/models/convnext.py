@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mllm.models.hf_utils import from_pretrained_locally
+from mllm.hf_utils import from_pretrained_locally
 from mllm.registry import MODELS
 
 BACKENDS = ('hf', 'timm', 'open_clip')

@@ -4,9 +4,10 @@ from typing import Optional
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from mllm.models.hf_utils import from_pretrained_locally
+from mllm.datasets.tokenizers import build_tokenizer  # noqa: F401 (mllm.models.build_tokenizer)
+from mllm.hf_utils import from_pretrained_locally
 from mllm.registry import MODELS
 
 _DTYPES = {'auto': 'auto', 'float32': torch.float32, 'bfloat16': torch.bfloat16,
@@ -73,22 +74,6 @@ def HFCausalLM(pretrained: Optional[str] = None,
     return AutoModelForCausalLM.from_config(
         hf_config, torch_dtype=torch.float32 if dtype == 'auto' else dtype,
         trust_remote_code=trust_remote_code, **extra)
-
-
-def build_tokenizer(cfg):
-    """Tokenizer from ``dict(pretrained=..., **kwargs)`` (local files only) or an instance."""
-    if not isinstance(cfg, dict) and not hasattr(cfg, 'items'):
-        return cfg  # already a tokenizer
-    cfg = dict(cfg)
-    cfg.pop('type', None)
-    pretrained = cfg.pop('pretrained')
-    cfg.setdefault('trust_remote_code', False)
-    tokenizer = from_pretrained_locally(AutoTokenizer, pretrained, 'tokenizer', **cfg)
-    if tokenizer.pad_token_id is None:
-        # Many LLaMA-family tokenizers ship without a pad token; padded positions are
-        # masked out of attention and loss, so any id works and unk/eos is conventional.
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer
 
 
 # Decoders whose training forward ``decode_learned_rows`` mirrors, in the transformers

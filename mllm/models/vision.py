@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from mllm.models.hf_utils import from_pretrained_locally
+from mllm.hf_utils import from_pretrained_locally
 from mllm.registry import MODELS
 
 

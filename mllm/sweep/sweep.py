@@ -208,7 +208,7 @@ def load_sweep(sweep_dir: str) -> dict:
 
 def _data_problems(cfg, limit: int = 5) -> List[str]:
     """``mllm check-data`` on the config's training data, its tokenizer and template."""
-    from mllm.cli.check_data import sample_problems
+    from mllm.datasets.checks import sample_problems
     from mllm.datasets.llava import DataError
     from mllm.registry import DATASETS
 
@@ -255,9 +255,9 @@ def preflight(members: Sequence[Member], gpus: int = 8, gpu_mem_gb: float = 80.0
     ``mllm check-data`` for its tokenizer and template, and ``mllm plan`` says its stage
     fits ``gpus`` x ``gpu_mem_gb``. Returns ``{name: dict(params, trainable_params,
     cheapest, problems)}``; nothing is raised, so every member's problems are listed."""
-    from mllm.cli.inspect import inspect_config
+    from mllm.bench.inspect import inspect_config
     from mllm.engine.config import load_config
-    from mllm.engine.memory import plan_memory
+    from mllm.bench.memory import plan_memory
 
     results, data_checks = {}, {}
     for member in members:
@@ -326,7 +326,7 @@ def last_checkpoint(work_dir: str) -> str:
 def parse_eval(spec: str) -> dict:
     """``BENCH:DATA[:IMAGE_FOLDER]``: an ``mllm eval`` benchmark, or ``synthetic:DIR`` (the
     demo's held-out questions, ``DIR/val.json``)."""
-    from mllm.datasets.benchmarks import LOADERS
+    from mllm.evaluation.benchmarks import LOADERS
 
     bench, _, rest = spec.partition(':')
     data, _, image_folder = rest.partition(':')
@@ -342,7 +342,7 @@ def evaluate_member(member: Member, work_dir: str, spec: dict) -> dict:
     os.makedirs(out, exist_ok=True)
     checkpoint = last_checkpoint(work_dir)
     if spec['bench'] == 'synthetic':
-        from mllm.cli.demo import score_synthetic
+        from mllm.evaluation.synthetic import score_synthetic
         from mllm.engine.config import load_config
         scores = score_synthetic(load_config(member.config), checkpoint, spec['data'], False,
                                  os.path.join(out, 'predictions.jsonl'))
@@ -472,7 +472,7 @@ def _max_iters(member: Member) -> Optional[int]:
 
 
 def member_status(sweep_dir: str, member: Member) -> dict:
-    from mllm.cli.plot import read_run
+    from mllm.evaluation.curves import read_run
 
     work_dir = os.path.join(sweep_dir, member.name)
     checkpoints = sorted(int(m.group(1)) for p in glob.glob(os.path.join(work_dir, 'iter_*.pth'))
@@ -548,7 +548,7 @@ def _flat_scores(scores: dict) -> dict:
 def member_row(sweep_dir: str, member: Member, preflight_result: Optional[dict],
                varying: Optional[Sequence[str]] = None) -> dict:
     """One report row; of the ``--set`` keys only those in ``varying`` (default: all)."""
-    from mllm.cli.plot import read_run
+    from mllm.evaluation.curves import read_run
 
     work_dir = os.path.join(sweep_dir, member.name)
     if preflight_result is None or preflight_result.get('params') is None:
@@ -600,7 +600,7 @@ def markdown_table(rows: List[dict]) -> str:
 def write_report(sweep_dir: str) -> dict:
     """``summary.csv``, ``summary.json``, ``summary.md`` and ``curves.png`` (the loss curves
     of every member that logged, drawn by ``mllm plot``'s code)."""
-    from mllm.cli.plot import plot_runs, read_run
+    from mllm.evaluation.curves import plot_runs, read_run
 
     sweep = load_sweep(sweep_dir)
     checked = {}

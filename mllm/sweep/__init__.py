@@ -1,0 +1,1 @@
+"""Backbone sweeps: a recipe over LLM bases and ``--set`` grids (``mllm sweep``)."""
