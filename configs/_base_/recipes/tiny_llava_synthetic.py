@@ -1,5 +1,5 @@
-# The tiny LLaVA recipe of configs/tiny/tiny_llava_synthetic.py without an LLM, so a sweep
-# (or a two-line swap) can list any tiny LLM base next to it:
+# The tiny LLaVA recipe without an LLM (configs/tiny/tiny_llava_synthetic.py adds tiny_llama),
+# so a sweep (or a two-line swap) can list any tiny LLM base next to it:
 #   mllm sweep tiny_llava_synthetic --llms tiny_llama_small,tiny_llama,tiny_llama_large
 _base_ = [
     '../default_runtime.py',
@@ -10,7 +10,7 @@ _base_ = [
 # model
 model = dict(type='LLaVAModel', trainable=['vision_encoder', 'projector', 'llm'])
 
-# schedule: as configs/tiny/tiny_llava_synthetic.py (lr 3e-4 learns where 1e-3 stalls)
+# schedule: REFERENCE.md §3 — from scratch on this CPU, lr 3e-4 learns where 1e-3 stalls
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0),
