@@ -264,7 +264,7 @@ def test_remote_code_in_a_checkpoint_does_not_run_unless_the_config_asks(tmp_pat
 
 @pytest.mark.parametrize('name', ['../outside.png', 'a/../../outside.png', '/etc/passwd'])
 def test_benchmark_image_names_may_not_escape_the_image_folder(tmp_path, name):
-    from mllm.datasets import benchmarks
+    from mllm.evaluation import benchmarks
     from mllm.datasets.llava import DataError
     folder = tmp_path / 'images'
     assert benchmarks._image(str(folder), 'q1/img.png') == str(folder / 'q1' / 'img.png')

@@ -191,7 +191,8 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _files(checkpoint: str) -> List[str]:
+def checkpoint_files(checkpoint: str) -> List[str]:
+    """The file itself, or every file of a DeepSpeed checkpoint folder, sorted."""
     if os.path.isdir(checkpoint):
         return sorted(os.path.join(root, name) for root, _, names in os.walk(checkpoint)
                       for name in names)
@@ -205,7 +206,7 @@ def write_checksums(checkpoint: str, final_name: Optional[str] = None) -> str:
     parent = os.path.dirname(checkpoint)
     final = os.path.join(parent, final_name or os.path.basename(checkpoint))
     lines = [f'{_sha256(f)}  {os.path.relpath(f.replace(checkpoint, final, 1), parent)}\n'
-             for f in _files(checkpoint)]
+             for f in checkpoint_files(checkpoint)]
     tmp = final + CHECKSUM_SUFFIX + '.tmp'
     with open(tmp, 'w') as f:
         f.writelines(lines)

@@ -7,8 +7,8 @@ from mmengine.dist import all_reduce, barrier, get_world_size, is_main_process
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import is_model_wrapper
 
-from mllm.engine.checkpoint import (SAFE_CLASS_NAMES, CheckpointError, encode_state,
-                                    write_checksums)
+from mllm.engine.checkpoint import (SAFE_CLASS_NAMES, CheckpointError, checkpoint_files,
+                                    encode_state, write_checksums)
 from mllm.registry import HOOKS
 
 
@@ -108,10 +108,9 @@ class SafeCheckpointHook(Hook):
 def _check_loads_safely(checkpoint: str) -> None:
     """Every file of a checkpoint just written must load with torch's safe loader; a file
     that would not is an mllm bug, reported at the first save instead of at resume."""
-    files = [checkpoint] if os.path.isfile(checkpoint) else [
-        os.path.join(root, name) for root, _, names in os.walk(checkpoint) for name in names
-        if name.endswith(('.pt', '.pth'))]
-    for name in files:
+    for name in checkpoint_files(checkpoint):
+        if os.path.isdir(checkpoint) and not name.endswith(('.pt', '.pth')):
+            continue  # a DeepSpeed folder's other files (latest, zero_to_fp32.py) are not pickles
         unsafe = (set(torch.serialization.get_unsafe_globals_in_checkpoint(name))
                   - set(SAFE_CLASS_NAMES))
         if unsafe:
@@ -121,9 +120,7 @@ def _check_loads_safely(checkpoint: str) -> None:
 
 def _fsync_tree(path: str) -> None:
     """Flush a checkpoint file, or every file of a DeepSpeed checkpoint folder, to disk."""
-    files = [path] if os.path.isfile(path) else [
-        os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-    for name in files:
+    for name in checkpoint_files(path):
         with open(name, 'rb') as f:
             os.fsync(f.fileno())
 
