@@ -29,7 +29,14 @@ visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')]
 # e.g. --cfg-options "log_backends=['tensorboard']"
 log_backends = []
 log_processor = dict(by_epoch=False, window_size=1)
+# memory of one GPU that model.gradient_checkpointing='auto' plans for (mllm.bench.memory);
+# None: the GPU's own (the whole device). Set it below the device to leave room.
+gpu_mem_gb = None
 log_level = 'INFO'
 load_from = None
+# --load-from must fit the model: keys that match nothing, other shapes, or random-init frozen
+# parts left without weights stop the run (mllm.engine.runner.StrictLoadHook); False loads what
+# matches and logs the rest (a partial load on purpose)
+load_from_strict = True
 resume = False
 randomness = dict(seed=42, deterministic=False)

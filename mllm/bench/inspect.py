@@ -1,31 +1,10 @@
 """Model inspection on the meta device (no weights, seconds even for 34B): parameters per
 component, trainable parameters and visual tokens (``mllm inspect``, the memory planner)."""
-import torch
+from mllm.models.meta import build_on_meta
 
 # model attribute -> reported component name
 COMPONENT_NAMES = {'vision_encoder': 'vision', 'high_res_encoder': 'vision_high_res',
                    'projector': 'projector', 'llm': 'llm'}
-
-
-
-def _without_weights(component: dict) -> dict:
-    component = dict(component)
-    component['load_weights'] = False
-    component.pop('quantization', None)  # the meta device needs no real quantized storage
-    return component
-
-
-def build_on_meta(cfg):
-    """The config's model on the meta device, without reading any weights (seconds, even
-    for 34B)."""
-    from mllm.registry import MODELS
-
-    model_cfg = cfg.model.copy()
-    for key in ('llm', 'vision_encoder', 'high_res_encoder'):
-        if key in model_cfg:
-            model_cfg[key] = _without_weights(model_cfg[key])
-    with torch.device('meta'):
-        return MODELS.build(model_cfg)
 
 
 def inspect_config(cfg, image_size=None) -> dict:

@@ -2,13 +2,15 @@
 import json
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from mmengine.config import Config
+from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from mllm.engine import patches
+from mllm.registry import HOOKS
 
 DEEPSPEED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'configs', '_base_', 'deepspeed')
@@ -117,8 +119,110 @@ def resolve_start(cfg: Config, work_dir: str, resume: Optional[str],
     required = cfg.get('load_from_required')
     if not resume and required and not load_from:
         raise ValueError(f'this recipe starts from {required}: pass --load-from PATH')
+    if not resume and load_from:
+        refuse_foreign_weights(load_from)
     cfg.resume = bool(resume)
     cfg.load_from = resume or load_from
+
+
+IMPORT_HINT = ('released weights (llava-hf, an original LLaVA-1.5 folder or its mm_projector.bin, '
+               'ConvLLaVA, MG-LLaVA, LLaVA-UHD) must be imported first: `mllm convert hf-to-pth '
+               'CONFIG SRC OUT.pth`, then --load-from OUT.pth')
+
+
+def refuse_foreign_weights(load_from: str) -> None:
+    """A Hugging Face folder or a safetensors file is never an mllm checkpoint: say so before
+    anything is built (what is inside a .pth is checked when it loads, ``StrictLoadHook``)."""
+    if os.path.isdir(load_from):
+        names = os.listdir(load_from)
+        if 'config.json' in names or any(n.endswith(('.safetensors', '.bin')) for n in names):
+            raise ValueError(f'--load-from {load_from} is a Hugging Face folder, not an mllm '
+                             f'checkpoint; {IMPORT_HINT}')
+    elif load_from.endswith(('.safetensors', '.safetensors.index.json')):
+        raise ValueError(f'--load-from {load_from} is a safetensors file, not an mllm checkpoint; '
+                         f'{IMPORT_HINT}')
+
+
+def _few(keys, n: int = 4) -> str:
+    keys = sorted(keys)
+    return ', '.join(keys[:n]) + (f' ... ({len(keys)} in all)' if len(keys) > n else '')
+
+
+def load_problems(model, state: dict) -> list:
+    """Why ``state`` (a checkpoint's model weights) does not fit ``model``: keys that match
+    nothing in it, tensors of another shape, and frozen tensors of parts that always start
+    random (projectors, fusion, a new ConvNeXt stage: ``weight_origin`` None) that it leaves
+    out. Tensors left out of trainable parts, or of parts the config loads from
+    ``pretrained`` (or builds at random from ``config=``), are what a stage hand-over omits."""
+    from mllm.models.llava import weight_origin
+
+    target = model.state_dict()
+    flat, wrapped = 'vision_encoder.model.', 'vision_encoder.model.vision_model.'
+
+    def place(key):  # CLIP keys of transformers 4.x / 5.x load either way (vision.py)
+        if key in target:
+            return key
+        other = (flat + key[len(wrapped):] if key.startswith(wrapped) else
+                 wrapped + key[len(flat):] if key.startswith(flat) else None)
+        return other if other in target else None
+
+    placed = {k: place(k) for k in state}
+    unexpected = [k for k, p in placed.items() if p is None]
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(target[p].shape)}'
+              for k, p in placed.items() if p is not None and hasattr(state[k], 'shape')
+              and tuple(state[k].shape) != tuple(target[p].shape)]
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    got = set(placed.values())
+    unloaded = [k for k in target if k not in got and k not in trains
+                and weight_origin(model, k) is None]
+    problems = []
+    if unexpected:
+        problems.append(f'{len(unexpected)} of its {len(state)} tensors match nothing in the '
+                        f'model: {_few(unexpected)}')
+    if shapes:
+        problems.append(f'{len(shapes)} tensors have another shape: {_few(shapes)}')
+    if unloaded:
+        parts = sorted({k.split('.')[0] for k in unloaded})
+        problems.append(f'frozen parts that start from random weights get no tensor from it '
+                        f'({", ".join(parts)}): {_few(unloaded)}')
+    return problems
+
+
+@HOOKS.register_module()
+class StrictLoadHook(Hook):
+    """``--load-from`` / resume must fit the model (``load_problems``): otherwise the run
+    stops before its first step, naming the keys, instead of training from random weights
+    with one warning among hundreds of log lines. ``load_from_strict=False`` in the config
+    loads what matches and logs the rest (partial loads on purpose).
+
+    Runs before ``TrainableCheckpointHook`` fills the frozen tensors in."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, strict: bool = True):
+        self.strict = strict
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        from mmengine.model import is_model_wrapper
+
+        state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            return
+        state = {k[len('module.'):] if k.startswith('module.') else k: v
+                 for k, v in state.items() if hasattr(v, 'shape')}
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        problems = load_problems(model, state)
+        if not problems:
+            return
+        source = runner._load_from or 'the checkpoint'
+        message = (f'{source} does not fit this model:\n  - ' + '\n  - '.join(problems))
+        if not self.strict:
+            runner.logger.warning(message + '\nload_from_strict=False: loading the tensors that '
+                                  'match, the rest keeps its initial weights')
+            return
+        raise ValueError(message + f'\nIf it is a released checkpoint, {IMPORT_HINT}. To load '
+                         'only the matching tensors on purpose, set load_from_strict=False '
+                         '(--cfg-options load_from_strict=False).')
 
 
 def is_main_process_env() -> bool:
@@ -128,8 +232,15 @@ def is_main_process_env() -> bool:
 
 def build_runner(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'none',
                  resume: Optional[str] = None, load_from: Optional[str] = None,
-                 seed: Optional[int] = None, deepspeed: Optional[str] = None):
-    """Apply the CLI settings and the compat patches, then build the runner."""
+                 seed: Optional[int] = None, deepspeed: Optional[str] = None,
+                 plan_checkpointing: Optional[Callable] = None):
+    """Apply the CLI settings and the compat patches, then build the runner.
+
+    ``plan_checkpointing(cfg, logger=...)`` resolves ``model.gradient_checkpointing='auto'``
+    once the DeepSpeed stage is known (``mllm train`` passes the memory planner's
+    ``resolve_auto_checkpointing``; the planner sits above the engine, so it is handed in).
+    Left 'auto', the model refuses to train and says so.
+    """
     if work_dir is not None:
         cfg.work_dir = work_dir
     if seed is not None:
@@ -138,11 +249,18 @@ def build_runner(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'n
     cfg.launcher = launcher
     if deepspeed:
         use_deepspeed(cfg, deepspeed)
+    # model.gradient_checkpointing='auto': the memory plan's layers for this run's GPUs,
+    # ZeRO stage, micro-batch and data lengths
+    if plan_checkpointing is not None:
+        plan_checkpointing(cfg, logger=lambda msg: print_log(msg, logger='current'))
     hooks = [*(cfg.get('custom_hooks') or [])]
     if launcher != 'none':  # log the mean loss over ranks, not rank 0's
         hooks.append(dict(type='RankMeanLossHook'))
     if not any(h.get('type') in ('SafeCheckpointHook', 'mllm.SafeCheckpointHook') for h in hooks):
         hooks.append(dict(type='SafeCheckpointHook'))  # checkpoints torch loads safely
+    # a checkpoint that does not fit the model stops the run before its first step
+    if not any(h.get('type') in ('StrictLoadHook', 'mllm.StrictLoadHook') for h in hooks):
+        hooks.append(dict(type='StrictLoadHook', strict=cfg.get('load_from_strict', True)))
     cfg.custom_hooks = hooks
     patches.apply_all(cfg, launcher)
     if cfg.get('runner_type') == 'FlexibleRunner':

@@ -57,7 +57,22 @@ def _hf_trunk(pretrained: Optional[str], config: Optional[dict], load_weights: b
     """(stem, stages, ConvNextConfig) of a transformers ConvNext."""
     from transformers import ConvNextConfig, ConvNextModel
     if pretrained is not None and load_weights:
-        model = from_pretrained_locally(ConvNextModel, pretrained, 'ConvNeXt vision encoder')
+        # the final LayerNorm is not part of the trunk (never read); ConvLLaVA's 5-stage tower
+        # saves it at the 4-stage width while its config says the 5th stage's, so it is let
+        # through as mismatched, and nothing else is
+        model, info = from_pretrained_locally(ConvNextModel, pretrained, 'ConvNeXt vision encoder',
+                                              output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
+        outside = ('layernorm.', 'pooler.')
+        missing = sorted(k for k in info.get('missing_keys', ()) if not k.startswith(outside))
+        mismatched = sorted(k[0] if isinstance(k, tuple) else k
+                            for k in info.get('mismatched_keys', ()))
+        mismatched = [k for k in mismatched if not k.startswith(outside)]
+        if missing or mismatched:
+            raise ValueError(
+                f'vision_encoder.pretrained={pretrained!r} does not hold this ConvNeXt: '
+                f'{len(missing)} tensors missing ({", ".join(missing[:4])}), {len(mismatched)} '
+                f'of another shape ({", ".join(mismatched[:4])}); they would start random')
         return model.embeddings, model.encoder.stages, model.config
     if config is not None:
         hf_config = ConvNextConfig(**config)
@@ -159,9 +174,13 @@ class ConvNeXtEncoder(nn.Module):
         hf_config = None
         device = torch.get_default_device().type  # 'meta' under `mllm inspect`
         with meta_safe_build():
+            loaded_stage5 = None
             if backend == 'hf':
                 config = CONVNEXT_LARGE if config is None and pretrained is None else config
                 self.stem, self.stages, hf_config = _hf_trunk(pretrained, config, load_weights)
+                if len(self.stages) == 5:  # ConvLLaVA's released tower: stage 5 included
+                    loaded_stage5, hf_config = self._split_stage5(hf_config, extra_stage,
+                                                                  pretrained)
             elif backend == 'timm':
                 self.stem, self.stages = _timm_trunk(model_name, pretrained, load_weights,
                                                      dict(model_kwargs or {}))
@@ -170,7 +189,10 @@ class ConvNeXtEncoder(nn.Module):
                                                           device)
             self.stage_channels = _stage_channels(backend, self.stages, hf_config)
             self.stage5 = None
-            if extra_stage is not None:
+            if loaded_stage5 is not None:
+                self.stage5 = loaded_stage5
+                self.stage_channels.append(extra_stage['channels'])
+            elif extra_stage is not None:
                 conv_mlp = backend != 'hf' and getattr(
                     self.stages[-1].blocks[-1], 'use_conv_mlp', False)
                 self.stage5 = _extra_stage(backend, hf_config, self.stage_channels[-1],
@@ -180,10 +202,39 @@ class ConvNeXtEncoder(nn.Module):
                 self.stage_channels.append(extra_stage['channels'])
         self.backend = backend
         self.grad_checkpointing = False
+        self.loaded_pretrained = pretrained is not None and load_weights
+        self.stage5_loaded = loaded_stage5 is not None
         # what rebuilds this architecture without the pretrained files (exported folders)
         self._weightless_cfg = dict(
             pretrained=None, load_weights=False,
             config=hf_config.to_dict() if hf_config is not None else None)
+
+    def _split_stage5(self, hf_config, extra_stage: Optional[dict], pretrained: str):
+        """A 5-stage ``ConvNextModel`` (ConvLLaVA's ``add_stage``): its 5th stage becomes
+        ``stage5``, loaded, and must be the one ``extra_stage`` describes. Returns
+        (stage 5, the 4-stage config that rebuilds the trunk)."""
+        from transformers import ConvNextConfig
+        channels, depth = hf_config.hidden_sizes[4], hf_config.depths[4]
+        if extra_stage is None or (extra_stage['channels'], extra_stage['depth']) != (channels,
+                                                                                      depth):
+            raise ValueError(
+                f'vision_encoder.pretrained={pretrained!r} is a 5-stage ConvNeXt (stage 5: '
+                f'{channels} channels, depth {depth}); set vision_encoder.extra_stage='
+                f'dict(channels={channels}, depth={depth}) (the config has {extra_stage})')
+        stage5 = self.stages[4]
+        self.stages = self.stages[:4]
+        fields = {k: v for k, v in hf_config.to_dict().items()
+                  if k not in ('stage_names', 'out_features', 'out_indices', 'num_stages')}
+        fields.update(depths=list(hf_config.depths[:4]),
+                      hidden_sizes=list(hf_config.hidden_sizes[:4]))
+        return stage5, ConvNextConfig(**fields)
+
+    def weight_origin(self, key: str) -> Optional[str]:
+        """'pretrained' / 'config' for the trunk as built; None for a random 5th stage
+        (``mllm.models.llava.weight_origin``)."""
+        if key.startswith('stage5.') and not self.stage5_loaded:
+            return None
+        return 'pretrained' if self.loaded_pretrained else 'config'
 
     def weightless_cfg(self) -> dict:
         """Config overrides that build the same architecture without reading ``pretrained``

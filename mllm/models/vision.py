@@ -40,7 +40,7 @@ class CLIPVisionEncoder(nn.Module):
         if select_feature not in ('patch', 'cls_patch'):
             raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
         if pretrained is not None and load_weights:
-            self.model = from_pretrained_locally(CLIPVisionModel, pretrained, 'vision encoder')
+            self.model = _clip_from_pretrained(pretrained)
         elif config is not None:
             self.model = CLIPVisionModel(CLIPVisionConfig(**config))
         elif pretrained is not None:
@@ -53,7 +53,13 @@ class CLIPVisionEncoder(nn.Module):
         self.select_layer = select_layer
         self.select_feature = select_feature
         self.grad_checkpointing = False
+        self.loaded_pretrained = pretrained is not None and load_weights
         self._register_load_state_dict_pre_hook(_clip_keys_for_this_release, with_module=True)
+
+    def weight_origin(self, key: str) -> str:
+        """'pretrained' when the tower was read from ``pretrained``, else 'config' (random
+        init the config asks for); see ``mllm.models.llava.weight_origin``."""
+        return 'pretrained' if self.loaded_pretrained else 'config'
 
     @property
     def vision(self) -> nn.Module:
@@ -140,3 +146,35 @@ def _clip_keys_for_this_release(module, state_dict, prefix, *args) -> None:
     else:
         for key in [k for k in state_dict if k.startswith(wrapped)]:
             state_dict[flat + key[len(wrapped):]] = state_dict.pop(key)
+
+
+def _clip_from_pretrained(pretrained: str) -> CLIPVisionModel:
+    """``CLIPVisionModel`` weights from ``pretrained``, all of them: a folder whose weights
+    do not cover the tower (a whole LLaVA model, another encoder) is an error naming the
+    missing tensors, not a randomly initialised tower with a transformers warning."""
+    import json
+    import os
+
+    config_path = os.path.join(pretrained, 'config.json')
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            architectures = json.load(f).get('architectures') or []
+        whole = [a for a in architectures if 'Llava' in a or 'ForCausalLM' in a]
+        if whole:
+            raise ValueError(
+                f'vision_encoder.pretrained={pretrained!r} is a whole {whole[0]} model, not a CLIP '
+                'vision tower: import it with `mllm convert hf-to-pth CONFIG '
+                f'{pretrained} OUT.pth` and train with --load-from OUT.pth, and point '
+                'vision_encoder.pretrained at the CLIP the release names (e.g. '
+                'openai/clip-vit-large-patch14-336)')
+    model, info = from_pretrained_locally(CLIPVisionModel, pretrained, 'vision encoder',
+                                          output_loading_info=True)
+    missing = [k for k in info.get('missing_keys', ()) if not k.endswith('position_ids')]
+    if missing or info.get('mismatched_keys'):
+        raise ValueError(
+            f'vision_encoder.pretrained={pretrained!r} does not hold the CLIP vision tower: '
+            f'{len(missing)} of its tensors are missing ({", ".join(sorted(missing)[:4])}), '
+            f'{len(info.get("mismatched_keys") or [])} have another shape; transformers would '
+            'start them from random weights')
+    return model
+

@@ -9,4 +9,6 @@ train_dataloader = dict(dataset=dict(
     template=None))  # None: the LLM's template (bound at load time)
 
 # `mllm train` refuses to start without --load-from (or load_from=...) when this is set.
-load_from_required = 'a LLaVA-1.5 finetune checkpoint (iter_N.pth of llava15_<llm>_finetune)'
+# The released LLaVA-1.5 is imported once: `mllm convert hf-to-pth llava_med_<llm>_stage1
+# /models/llava-v1.5-7b OUT.pth` (docs/weights.md), then --load-from OUT.pth.
+load_from_required = ('a LLaVA-1.5 model: the released one imported with `mllm convert hf-to-pth CONFIG /models/llava-v1.5-7b OUT.pth`, or iter_N.pth of llava15_<llm>_finetune')
