@@ -71,3 +71,17 @@ class NaNOnStepsLLaVA(LLaVAModel):
                 out['loss'] = out['loss'] * float('nan')
         return out
 '''
+
+
+def import_llava_train():
+    """Official LLaVA's ``llava.train.train`` (llava-torch, haotian-liu/LLaVA) under
+    transformers 5. It imports ``ALL_LAYERNORM_LAYERS`` from ``transformers.trainer``, which
+    transformers 4.x exported as ``[nn.LayerNorm]`` and 5.x removed; LLaVA's trainer only
+    uses it to exclude norm weights from weight decay. Set it back, then import."""
+    import torch
+    import transformers.trainer
+
+    if not hasattr(transformers.trainer, 'ALL_LAYERNORM_LAYERS'):
+        transformers.trainer.ALL_LAYERNORM_LAYERS = [torch.nn.LayerNorm]
+    import llava.train.train as llava_train
+    return llava_train

@@ -24,7 +24,8 @@ REPO = os.path.dirname(CONFIG_ROOT)
 LLM_PARAMS = dict(phi3_mini=3_821_079_552, vicuna7b=6_738_415_616, vicuna13b=13_015_864_320,
                   llama3_8b=8_030_261_248, yi34b=34_388_917_248)
 HIDDEN = dict(phi3_mini=3072, vicuna7b=4096, vicuna13b=5120, llama3_8b=4096, yi34b=7168)
-TEMPLATES = dict(phi3_mini='phi3_chat', vicuna7b='vicuna_v1', vicuna13b='vicuna_v1',
+# MG-LLaVA trains both stages with XTuner's template of the LLM (Vicuna: XTuner's `vicuna`)
+TEMPLATES = dict(phi3_mini='phi3_chat', vicuna7b='vicuna', vicuna13b='vicuna',
                  llama3_8b='llama3_chat', yi34b='chatml')
 TINY_CONVNEXT = dict(type='ConvNeXtEncoder', backend='timm', model_name='convnext_atto',
                      model_kwargs=dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)))
@@ -247,6 +248,7 @@ def test_recipes_inspect_sizes_templates_and_deepspeed(llm, capsys):
     assert cfg.train_dataloader.sampler.type == 'LengthGroupedSampler'
     pretrain = load_config(f'mgllava_{llm}_pretrain')
     assert pretrain.optim_wrapper.optimizer.lr == 1e-3
+    assert pretrain.train_dataloader.dataset.template == TEMPLATES[llm]  # not `plain`
     assert sorted(pretrain.model.trainable) == ['bbox_projector', 'fusion', 'projector']
 
 

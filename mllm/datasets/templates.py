@@ -1,27 +1,36 @@
 """Chat templates and the one tokenisation path shared by training and chat.
 
 A conversation in LLaVA's JSON format (``[{'from': 'human', 'value': ...},
-{'from': 'gpt', 'value': ...}, ...]``) is rendered into an ordered list of
-*segments* -- text that is labelled (assistant answers plus the end-of-turn
-token), text that is not (system prompt, user turns, role headers,
-separators) and runs of image tokens. ``encode_conversation`` renders the
-whole conversation; ``build_generation_prompt`` renders it up to the assistant
-prefix of the last turn. Both share ``_render`` and ``_encode`` so the chat
-prompt is, token for token, the prefix the model saw in training (the
-MG-LLaVA chat/train mismatch cannot happen here).
+{'from': 'gpt', 'value': ...}, ...]``) is rendered and tokenised the way the
+system that defined the template did it, so ids and labels are those its own
+training code produced (tests/test_token_exact.py runs that code side by side):
 
-Encoding is piece-wise: adjacent text of the same kind is joined and
-tokenised with ``tokenizer.encode(piece, add_special_tokens=False)``; pieces
-break only at image runs and at label boundaries. For byte-level BPE
-tokenizers (Llama-3, Qwen, Yi) this equals encoding the whole rendered string
-wherever the boundary falls before a space/newline or a special token, which
-all templates here arrange. SentencePiece tokenizers with a dummy prefix
-(Vicuna, Phi-3) add a leading space per piece, exactly as LLaVA's own
-``tokenizer_image_token`` does.
+- ``encoding='llava'`` (``vicuna_v1``, ``plain``): LLaVA-1.5's
+  ``preprocess_multimodal`` + ``preprocess_v1`` / ``preprocess_plain``. The
+  whole prompt string is tokenised, split only at images
+  (``tokenizer_image_token``: every chunk with the tokenizer's own prefix
+  space, BOS kept on the first), and the labels follow LLaVA's length rule
+  (per round, the instruction's length is masked), including its correction
+  for non-legacy Llama tokenizers.
+- ``encoding='xtuner'`` (``vicuna``): XTuner's ``template_map_fn`` +
+  ``encode_fn`` (MG-LLaVA): per turn BOS + instruction, answer, EOS, SEP, each
+  piece tokenised on its own.
+- ``encoding='pieces'`` (``phi3_chat``, ``llama3_chat``, ``chatml``): segments
+  of the same label flag are joined and tokenised with
+  ``tokenizer.encode(piece, add_special_tokens=False)``, breaking only at
+  image runs and label boundaries. These are XTuner's templates (LLaVA-Llama-3,
+  MG-LLaVA); for ``llama3_chat`` with the real Llama-3 tokenizer this equals
+  XTuner's ``encode_fn`` (tested), Phi-3 and Yi tokenizers are not available
+  here to check.
 
-Formats follow LLaVA-1.5 (``vicuna_v1``, ``plain``) and XTuner's
-``PROMPT_TEMPLATE`` (``phi3_chat``, ``llama3_chat``, ``qwen_chat``/ChatML).
+Every template moves the image placeholder(s) to the front of their turn,
+followed by ``'\n'``, as LLaVA's ``preprocess_multimodal`` and XTuner's
+``llava_map_fn`` do. ``encode_conversation`` renders the whole conversation;
+``build_generation_prompt`` renders it up to the assistant prefix of the last
+turn, which is the official inference prompt (LLaVA's ``conv.get_prompt()`` +
+``tokenizer_image_token``; XTuner's ``INSTRUCTION``).
 """
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -53,13 +62,21 @@ class ChatTemplate:
             Vicuna uses ' ' so 'ASSISTANT:' ends the prompt, as in LLaVA,
             and the space merges into the answer's first token. Defaults to ''.
         end: End-of-turn string appended to every answer and labelled, so the
-            model learns to stop; None means ``tokenizer.eos_token``.
+            model learns to stop; None means ``tokenizer.eos_token`` (with
+            encoding 'xtuner': the EOS id, after which the next turn starts
+            with BOS again, as XTuner's ``encode_fn`` does).
         sep: Unlabelled text after ``end`` (ChatML's and Phi-3's newline).
         bos: Prepend ``tokenizer.bos_token_id`` (skipped if it has none).
         keep_user_text: False drops the user text except its ``<image>``
             placeholders (LLaVA's 'plain' pretraining format).
         single_turn: Only one human/gpt exchange is allowed ('plain').
         stop_words: Strings that end generation.
+        encoding: How the rendered text becomes ids and labels: 'pieces',
+            'llava' or 'xtuner' (see the module docstring). Defaults to
+            'pieces'.
+        image_first: Move a turn's image placeholder(s) to its front,
+            followed by '\n' (LLaVA's ``preprocess_multimodal``, XTuner's
+            ``llava_map_fn``). Defaults to True.
     """
     name: str
     user: str = '{input}'
@@ -73,11 +90,16 @@ class ChatTemplate:
     keep_user_text: bool = True
     single_turn: bool = False
     stop_words: tuple = ()
+    encoding: str = 'pieces'
+    image_first: bool = True
 
     def __post_init__(self):
         if self.user.count('{input}') != 1:
             raise ValueError(f'template {self.name!r}: `user` must contain '
                              f"'{{input}}' exactly once, got {self.user!r}")
+        if self.encoding not in ('pieces', 'llava', 'xtuner'):
+            raise ValueError(f'template {self.name!r}: encoding must be '
+                             f"'pieces', 'llava' or 'xtuner', got {self.encoding!r}")
 
 
 _VICUNA_SYSTEM = (
@@ -94,16 +116,21 @@ _CHATML = ChatTemplate(
     stop_words=('<|im_end|>', '<|endoftext|>'))
 
 TEMPLATES = {
-    # LLaVA pretraining: '<image>' + caption + eos; the human text is dropped.
-    # LLaVA ends with '\n'; we end with the tokenizer's eos so the captioner
-    # learns a real stop token (labelled like every other template's end).
-    'plain': ChatTemplate(name='plain', keep_user_text=False,
-                          single_turn=True),
+    # LLaVA pretraining (conv_llava_plain): '<image>' + caption + '\n'; the human
+    # text is dropped and the caption ends with '\n' (labelled), as in LLaVA.
+    'plain': ChatTemplate(name='plain', keep_user_text=False, end='\n',
+                          single_turn=True, encoding='llava'),
     # LLaVA-1.5 conv_vicuna_v1: 'SYS USER: q ASSISTANT: a</s>USER: ...'
     'vicuna_v1': ChatTemplate(
         name='vicuna_v1', system='{system} ', default_system=_VICUNA_SYSTEM,
         user='USER: {input}', assistant=' ASSISTANT:', reply_prefix=' ',
-        end='</s>', stop_words=('</s>',)),
+        end='</s>', stop_words=('</s>',), encoding='llava'),
+    # XTuner's PROMPT_TEMPLATE.vicuna (MG-LLaVA, both stages): no system prompt
+    # unless the data has one; per turn '<s>USER: q ASSISTANT:' a '</s>' '\n'.
+    'vicuna': ChatTemplate(
+        name='vicuna', system=_VICUNA_SYSTEM + ' {system}\n ',
+        user='USER: {input}', assistant=' ASSISTANT:', sep='\n',
+        stop_words=('</s>',), encoding='xtuner'),
     'phi3_chat': ChatTemplate(
         name='phi3_chat', system='<|system|>\n{system}<|end|>\n',
         user='<|user|>\n{input}<|end|>\n', assistant='<|assistant|>\n',
@@ -222,6 +249,179 @@ def _encode(segs, tokenizer, template):
     return ids, labels
 
 
+def _image_first(text):
+    """LLaVA's ``preprocess_multimodal`` / XTuner's ``llava_map_fn``: the image
+    placeholder moved to the front of the turn, then '\n', text stripped. A
+    processor's layout of several placeholders (UHD slices: only separators
+    between them) moves as a block; several images with words between them
+    (which neither LLaVA nor XTuner trains on) stay where they are."""
+    first = text.find(IMAGE_TOKEN)
+    if first < 0:
+        return text
+    last = text.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
+    if any(c.isalnum() for c in text[first:last].replace(IMAGE_TOKEN, '')):
+        return text
+    rest = (text[:first] + text[last:]).strip()
+    return (text[first:last] + '\n' + rest).strip()
+
+
+def _expand_images(ids, labels, counts):
+    """One IMAGE_TOKEN_INDEX per image -> a run of ``counts[k]`` for image k."""
+    out_ids, out_labels, counts = [], [], iter(counts)
+    for i, label in zip(ids, labels):
+        n = next(counts) if i == IMAGE_TOKEN_INDEX else 1
+        out_ids += [i] * n
+        out_labels += [label] * n
+    return out_ids, out_labels
+
+
+def _render_text(system, turns, template, end):
+    """The conversation as one string, one IMAGE_TOKEN per image (LLaVA's
+    ``conv.get_prompt()``; for 'plain' the human text is the images only)."""
+    text = template.system.format(system=system) if system and template.system else ''
+    for role, value in turns:
+        if role == 'gpt':
+            text += template.reply_prefix + value + end + template.sep
+        elif template.keep_user_text:
+            text += template.user.format(input=value) + template.assistant
+        else:
+            images = IMAGE_TOKEN * value.count(IMAGE_TOKEN)
+            text += template.user.format(input=images) + template.assistant
+    return text
+
+
+def _tokenize_image_texts(texts, tokenizer):
+    """LLaVA's ``tokenizer_image_token`` for each text: each chunk between
+    images tokenised with the tokenizer's special tokens, the first chunk's
+    BOS kept, the first id of every chunk dropped when the tokenizer adds a
+    BOS. All chunks go to the tokenizer in one batch."""
+    split = [text.split(IMAGE_TOKEN) for text in texts]
+    encoded = iter(tokenizer([c for chunks in split for c in chunks]).input_ids)
+    out = []
+    for chunks in split:
+        chunks = [next(encoded) for _ in chunks]
+        offset = int(bool(chunks[0]) and chunks[0][0] == tokenizer.bos_token_id)
+        ids = chunks[0][:offset]
+        for k, chunk in enumerate(chunks):
+            if k:
+                ids.append(IMAGE_TOKEN_INDEX)
+            ids.extend(chunk[offset:])
+        out.append(ids)
+    return out
+
+
+def _encode_llava(system, turns, template, end, tokenizer, generation):
+    """(ids, labels) with one image id per image, as LLaVA's ``preprocess_v1``
+    (``sep2`` = ``end``) or ``preprocess_plain`` (``keep_user_text=False``)."""
+    for role, value in turns:
+        if role == 'gpt' and IMAGE_TOKEN in value:
+            raise ValueError(f'an answer contains {IMAGE_TOKEN!r}; LLaVA\'s encoding '
+                             'would take it for an image')
+    text = _render_text(system, turns, template, end)
+    if generation:
+        ids, = _tokenize_image_texts([text], tokenizer)
+        return ids, [IGNORE_INDEX] * len(ids)
+    if not template.keep_user_text:  # preprocess_plain: mask the image prefix
+        prompt = _render_text(system, turns[:1], template, end)
+        ids, prompt_ids = _tokenize_image_texts([text, prompt], tokenizer)
+        n = len(prompt_ids)
+        return ids, [IGNORE_INDEX] * n + ids[n:]
+    # preprocess_v1: per round (split at sep2), mask the instruction's length
+    # (minus BOS) and advance by the round's length (its BOS stands for the
+    # dropped sep2). LLaVA masks len(tokens of 'USER: q ASSISTANT: ') - 2,
+    # assuming the trailing space is one token (Llama's '▁'); we mask
+    # len(tokens of 'USER: q ASSISTANT:') - 1: the same for Llama/Vicuna (tested
+    # against LLaVA's code), and no label on ':' for tokenizers that drop the
+    # space (word-level ones).
+    sep = template.assistant + template.reply_prefix
+    rounds = []
+    for rou in text.split(end):
+        parts = rou.split(sep)
+        if rou == '' or len(parts) != 2:
+            break
+        rounds += [rou, (parts[0] + sep).rstrip(' ')]
+    ids, *lengths = _tokenize_image_texts([text] + rounds, tokenizer)
+    lengths = [len(x) for x in lengths]
+    labels = list(ids)
+    cur = 1
+    labels[:cur] = [IGNORE_INDEX] * cur
+    for i in range(len(rounds) // 2):
+        round_len, instruction_len = lengths[2 * i], lengths[2 * i + 1] - 1
+        # LLaVA's correction: a non-legacy Llama tokenizer adds no prefix space
+        # after '</s>', so later rounds are one token shorter in context.
+        if i and getattr(tokenizer, 'legacy', True) is False:
+            round_len -= 1
+            instruction_len -= 1
+        for j in range(cur, min(cur + instruction_len, len(labels))):
+            labels[j] = IGNORE_INDEX
+        cur += round_len
+    labels[cur:] = [IGNORE_INDEX] * max(len(labels) - cur, 0)
+    if cur != len(ids):
+        # LLaVA then trains on no token of the sample, with this warning.
+        warnings.warn(f'tokenization mismatch: {cur} vs. {len(ids)} (template '
+                      f'{template.name!r}); the sample has no labelled token')
+        labels = [IGNORE_INDEX] * len(ids)
+    return ids, labels
+
+
+def _encode_xtuner(system, turns, template, counts, tokenizer):
+    """(ids, labels) as XTuner's ``template_map_fn`` + ``encode_fn``: per turn
+    [BOS] + instruction (split at images), answer (+ ``end`` text, or EOS id
+    when ``end`` is None, after which the next turn starts with BOS again) and
+    ``sep``, each tokenised on its own."""
+    bos = [] if tokenizer.bos_token_id is None or not template.bos else [tokenizer.bos_token_id]
+    ids, labels, counts, needs_bos = [], [], iter(counts), True
+
+    def add(piece, labelled):
+        ids.extend(piece)
+        labels.extend(piece if labelled else [IGNORE_INDEX] * len(piece))
+
+    for k in range(0, len(turns), 2):
+        instruction = template.user.format(input=turns[k][1]) + template.assistant
+        if k == 0 and system and template.system:
+            instruction = template.system.format(system=system) + instruction
+        if needs_bos:
+            add(bos, False)
+        for j, chunk in enumerate(instruction.split(IMAGE_TOKEN)):
+            if j:
+                add([IMAGE_TOKEN_INDEX] * next(counts), False)
+            add(tokenizer.encode(chunk, add_special_tokens=False), False)
+        if k + 1 == len(turns):  # generation prompt
+            break
+        answer = turns[k + 1][1] + (template.end or '')
+        add(tokenizer.encode(answer, add_special_tokens=False), True)
+        needs_bos = template.end is None
+        if needs_bos:
+            add([tokenizer.eos_token_id], True)
+        if template.sep:
+            add(tokenizer.encode(template.sep, add_special_tokens=False), False)
+    return ids, labels
+
+
+def _with_image_layouts(prepare):
+    """An image count may carry its own layout (``token_ids(tokenizer)``; LLaVA-UHD's
+    ``SliceLayout``: slices with the release's separator ids between them). Every encoding
+    gives it ``int(count)`` sentinel slots; those slots are then overwritten with its ids,
+    so the separators are embedded as ids, never tokenised in context."""
+    def wrapped(conversations, tokenizer, template, num_image_tokens, last):
+        ids, labels = prepare(conversations, tokenizer, template, num_image_tokens, last)
+        counts = [num_image_tokens] if isinstance(num_image_tokens, int) else list(num_image_tokens)
+        if not any(hasattr(c, 'token_ids') for c in counts):
+            return ids, labels
+        slots = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+        if isinstance(num_image_tokens, int):  # the same count for every image
+            counts = counts * (len(slots) // num_image_tokens)
+        ids, start = list(ids), 0
+        for count in counts:
+            if hasattr(count, 'token_ids'):
+                for slot, token in zip(slots[start:start + count], count.token_ids(tokenizer)):
+                    ids[slot] = token
+            start += count
+        return ids, labels
+    return wrapped
+
+
+@_with_image_layouts
 def _prepare(conversations, tokenizer, template, num_image_tokens, last):
     """Shared front half of both public functions; returns (ids, labels)."""
     template = get_template(template)
@@ -233,14 +433,25 @@ def _prepare(conversations, tokenizer, template, num_image_tokens, last):
     if end is None:
         raise ValueError(f'template {template.name!r} ends answers with the '
                          "tokenizer's eos_token, but the tokenizer has none")
-    # A multi-id end token means template and tokenizer do not match: the
-    # model could never emit the stop token it was trained on.
-    n_end = len(tokenizer.encode(end, add_special_tokens=False))
-    if n_end != 1:
-        raise ValueError(f'template {template.name!r} ends answers with '
-                         f'{end!r}, which this tokenizer encodes as {n_end} '
-                         'ids; it must be a single (special) token')
+    # A multi-id stop token means template and tokenizer do not match: the
+    # model could never emit the stop token it was trained on. ('plain' ends
+    # captions with '\n', which is no stop token.)
+    if template.end is None or end in template.stop_words:
+        n_end = len(tokenizer.encode(end, add_special_tokens=False))
+        if n_end != 1:
+            raise ValueError(f'template {template.name!r} ends answers with '
+                             f'{end!r}, which this tokenizer encodes as {n_end} '
+                             'ids; it must be a single (special) token')
     counts = _image_counts(turns, num_image_tokens)
+    if template.image_first:
+        turns = [(role, _image_first(text) if role == 'human' else text)
+                 for role, text in turns]
+    if template.encoding == 'llava':
+        ids, labels = _encode_llava(system, turns, template, end, tokenizer,
+                                    generation=last == 'human')
+        return _expand_images(ids, labels, counts)
+    if template.encoding == 'xtuner':
+        return _encode_xtuner(system, turns, template, counts, tokenizer)
     return _encode(_render(system, turns, template, counts, end), tokenizer,
                    template)
 
@@ -311,3 +522,12 @@ def build_generation_prompt(conversations: Sequence[dict], tokenizer,
     ids, _ = _prepare(conversations, tokenizer, template, num_image_tokens,
                       last='human')
     return ids
+
+
+def stop_token_id(tokenizer, template: Union[str, ChatTemplate]) -> int:
+    """The id that ends a generated answer: the template's end-of-turn token when it is one
+    of its stop words, else eos ('plain' ends captions with '\\n', which is no token)."""
+    template = get_template(template)
+    if template.end is not None and template.end in template.stop_words:
+        return tokenizer.convert_tokens_to_ids(template.end)
+    return tokenizer.eos_token_id

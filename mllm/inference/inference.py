@@ -7,7 +7,7 @@ from transformers import TextStreamer
 
 from mllm.datasets.collate import llava_collate
 from mllm.datasets.llava import expand_image_placeholder, image_inputs
-from mllm.datasets.templates import IGNORE_INDEX, build_generation_prompt
+from mllm.datasets.templates import IGNORE_INDEX, build_generation_prompt, stop_token_id
 from mllm.inference.loading import load_checkpoint_state, load_model  # noqa: F401 (re-exported)
 
 
@@ -30,7 +30,7 @@ def answer_questions(model, dataset, indices: Optional[List[int]] = None,
     """Greedy answers to the last human turn of each sample, prompted exactly as in
     training (the same template code path), images processed as in training."""
     tokenizer, template = dataset.tokenizer, dataset.template
-    end_id = tokenizer.convert_tokens_to_ids(template.end) if template.end else tokenizer.eos_token_id
+    end_id = stop_token_id(tokenizer, template)
     indices = list(range(len(dataset))) if indices is None else indices
     answers = []
     for start in range(0, len(indices), batch_size):
@@ -121,8 +121,7 @@ def prompt_inputs(conversations: List[dict], tokenizer, template, image_processo
 
 def stop_token_ids(tokenizer, template) -> int:
     """The id that ends an answer: the template's end-of-turn token, or eos."""
-    return (tokenizer.convert_tokens_to_ids(template.end) if template.end
-            else tokenizer.eos_token_id)
+    return stop_token_id(tokenizer, template)
 
 
 class StreamWriter(TextStreamer):

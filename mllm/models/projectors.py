@@ -44,19 +44,21 @@ class MLPProjector(nn.Module):
 
 
 def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (MAE / Qwen-VL), (grid_h * grid_w, embed_dim):
-    half the channels encode the row, half the column."""
+    """Fixed 2-D sin-cos position embedding, (grid_h * grid_w, embed_dim), as LLaVA-UHD's
+    release builds it (MAE's ``get_2d_sincos_pos_embed``): the first half of the channels
+    encodes the column, the second the row (MAE's ``meshgrid`` puts w first), each half
+    [sin | cos]; float32 throughout, like the release's numpy code."""
     if embed_dim % 4:
         raise ValueError(f'embed_dim must be a multiple of 4 for 2-D sin-cos, got {embed_dim}')
 
     def encode(positions, dim):  # (P,) -> (P, dim)
-        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-        angles = positions.double()[:, None] * omega[None]
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim / 2.0))
+        angles = positions.float()[:, None] * omega[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     rows = torch.arange(grid_h).repeat_interleave(grid_w)  # (h*w,) row of each cell
     cols = torch.arange(grid_w).repeat(grid_h)             # (h*w,) column of each cell
-    return torch.cat([encode(rows, embed_dim // 2), encode(cols, embed_dim // 2)], 1).float()
+    return torch.cat([encode(cols, embed_dim // 2), encode(rows, embed_dim // 2)], 1)
 
 
 @MODELS.register_module()
@@ -66,18 +68,24 @@ class Resampler(nn.Module):
 
     The 2-D sin-cos position embedding of the query grid (8 x 8 for 64 queries) is added to
     the queries as is and to the keys interpolated (bicubic) to the slice's feature grid,
-    as the seed's ``forward(x, tgt_size)`` does.
+    as the seed's ``forward(x, tgt_size)`` does. Parameter names and defaults are the
+    release's (thunlp/LLaVA-UHD ``resampler.py``, docs/uhd.md): on the same weights the
+    outputs match it (tests/test_uhd.py); only its frozen ``pos_embed`` parameter is a
+    rebuilt, non-persistent buffer here.
 
     Args:
         in_channels: width of the visual features (filled in by the composed model).
         out_channels: LLM hidden size (filled in by the composed model).
         num_queries: tokens per slice; a square number. Defaults to 64.
         embed_dim: attention width. Defaults to ``out_channels``.
-        num_heads: attention heads. Defaults to embed_dim // 128 (at least 1).
+        num_heads: attention heads. Defaults to in_channels // 128 (at least 1): the
+            release's ``1024 // 128`` for CLIP ViT-L's 1024-wide features.
+        eps: LayerNorm epsilon. Defaults to the release's 1e-6.
     """
 
     def __init__(self, in_channels: int, out_channels: int, num_queries: int = 64,
-                 embed_dim: Optional[int] = None, num_heads: Optional[int] = None):
+                 embed_dim: Optional[int] = None, num_heads: Optional[int] = None,
+                 eps: float = 1e-6):
         super().__init__()
         side = math.isqrt(num_queries)
         if side * side != num_queries:
@@ -88,11 +96,11 @@ class Resampler(nn.Module):
         self.register_buffer('pos_embed', sincos_2d(embed_dim, side, side), persistent=False)
         self.kv_proj = (nn.Linear(in_channels, embed_dim, bias=False)
                         if in_channels != embed_dim else nn.Identity())
-        self.ln_q = nn.LayerNorm(embed_dim)
-        self.ln_kv = nn.LayerNorm(embed_dim)
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads or max(embed_dim // 128, 1),
+        self.ln_q = nn.LayerNorm(embed_dim, eps=eps)
+        self.ln_kv = nn.LayerNorm(embed_dim, eps=eps)
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads or max(in_channels // 128, 1),
                                           batch_first=True)
-        self.ln_post = nn.LayerNorm(embed_dim)
+        self.ln_post = nn.LayerNorm(embed_dim, eps=eps)
         self.proj = nn.Parameter(torch.randn(embed_dim, out_channels) * embed_dim ** -0.5)
 
     def key_pos_embed(self, grid_size) -> torch.Tensor:

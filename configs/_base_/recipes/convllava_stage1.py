@@ -8,9 +8,13 @@ _base_ = [
     '../schedules/llava15_pretrain.py',
 ]
 
+# data: the LLM's chat template (Vicuna: LLaVA's `vicuna_v1`), not `plain`: ConvLLaVA's
+# scripts/stage_1.sh and stage_2.sh train with `--version v1` (docs/convllava.md)
+train_dataloader = dict(dataset=dict(template=None))
+
 # model: ConvNeXt-L (frozen) + stage 5 (trains) -> mlp2x_gelu 3072 -> H (trains) -> LLM (frozen)
 model = dict(type='LLaVAModel', projector=dict(type='MLPProjector', depth=2),
-             trainable=['vision_encoder.stage5', 'projector'], gradient_checkpointing=True)
+             trainable=['vision_encoder.stage5', 'projector'], gradient_checkpointing='auto')
 
 # schedule: global batch = 8 GPUs x 32 per GPU x 1 accumulation step
 optim_wrapper = dict(optimizer=dict(lr=3e-4))

@@ -14,7 +14,7 @@ model = dict(type='MGLLaVAModel',
              bbox_projector=dict(type='MLPProjector', depth=2),
              box_pool_size=56,
              trainable=['projector', 'bbox_projector', 'fusion', 'llm'],
-             gradient_checkpointing=True)
+             gradient_checkpointing='auto')
 
 train_dataloader = dict(dataset=dict(box_file='data/llava_finetune/boxes.json', max_boxes=100))
 

@@ -14,11 +14,13 @@ model = dict(type='MGLLaVAModel',
              bbox_projector=dict(type='MLPProjector', depth=2),
              box_pool_size=56,
              trainable=['projector', 'bbox_projector', 'fusion'],
-             gradient_checkpointing=True)
+             gradient_checkpointing='auto')
 
 # data: object boxes per image (`mllm annotate-boxes`, format in data/README.md); at most
-# `max_boxes` object tokens per image
-train_dataloader = dict(dataset=dict(box_file='data/llava_pretrain/boxes.json', max_boxes=100))
+# `max_boxes` object tokens per image. template=None: the LLM's chat template, not `plain` —
+# MG-LLaVA pretrains with the same XTuner chat template as it finetunes (docs/mgllava.md).
+train_dataloader = dict(dataset=dict(box_file='data/llava_pretrain/boxes.json', max_boxes=100,
+                                     template=None))
 
 # runtime: the DeepSpeed config `mllm train` uses unless --deepspeed says otherwise
 deepspeed = 'zero2'

@@ -3,5 +3,10 @@
 # frozen; to update it too: --cfg-options "model.trainable=['projector','llm','vision_encoder']".
 _base_ = ['./llava15_finetune.py']
 
-image_processor = dict(_delete_=True, type='UHDImageProcessor', base=336, patch=14, max_slices=6)
+# the release's slicing (slice_image_minicpm, max_slice_nums=7; docs/uhd.md), separators
+# ',' / '\n' embedded as the Llama-2 ids 29892 / 13
+image_processor = dict(_delete_=True, type='UHDImageProcessor', base=336, patch=14, max_slices=7)
+# padding-free batches as every recipe; no token cache: slices lay out several image
+# tensors per image, so the text is tokenised per sample (LLaVADataset.token_cache)
+train_dataloader = dict(dataset=dict(token_cache=None))
 model = dict(projector=dict(_delete_=True, type='Resampler', num_queries=64))
