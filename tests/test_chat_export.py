@@ -33,11 +33,11 @@ def image_path(tmp_path_factory):
     return path
 
 
-def tiny_cfg(tokenizer_dir, lora=None):
+def tiny_cfg(tokenizer_dir, lora=None, config=TINY):
     options = {'tokenizer.pretrained': tokenizer_dir}
     if lora:
         options['model.lora'] = lora
-    return load_config(TINY, options)
+    return load_config(config, options)
 
 
 def save_checkpoint(cfg, path, seed=0):

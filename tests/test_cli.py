@@ -334,6 +334,7 @@ def test_mini_demo_pipeline(tmp_path):
     with open(tmp_path / 'demo' / 'tiny_llava' / 'predictions.jsonl') as f:
         assert len(f.readlines()) == 40
     assert 'margin over the blind baseline' in result.stdout
+    assert '[demo] tiny_llava: step 4/4  loss ' in result.stdout  # training progress is shown
 
 
 @pytest.mark.slow

@@ -328,9 +328,9 @@ def test_processor_normalises_and_sizes():
     assert rgba.shape == (3, 32, 32)
     assert processor.output_size((640, 480)) == (32, 32)
     assert processor.num_visual_tokens((640, 480)) == 16
-    assert processor.pad_colour == (123, 117, 104)  # CLIP mean * 255, rounded
+    assert processor.pad_colour == (122, 116, 104)  # int(CLIP mean * 255), as LLaVA pads
     assert processor.blank().size == (32, 32)
-    assert set(processor.blank().getdata()) == {(123, 117, 104)}
+    assert set(processor.blank().getdata()) == {(122, 116, 104)}
     assert LLaVAImageProcessor().num_visual_tokens((1, 1)) == 576  # 336 / 14 = 24 per side
 
 

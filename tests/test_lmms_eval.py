@@ -2,11 +2,15 @@
 
 lmms-eval is optional and not installed here, so most tests put a stand-in for the three
 modules the adapter imports into ``sys.modules``; it copies the signatures of lmms-eval 0.7.3
-(``lmms_eval/api/{model,instance,registry}.py``). The last test runs against the real package
-when it imports.
+(``lmms_eval/api/{model,instance,registry}.py``). The last tests run against the real package
+when it is installed (``pip install -r requirements-lmms-eval.txt``), end to end on a local
+task, and are skipped otherwise.
 """
 import abc
 import importlib
+import importlib.util
+import json
+import os
 import sys
 import types
 from dataclasses import dataclass, field
@@ -353,3 +357,137 @@ def test_with_the_real_lmms_eval(without_stand_in, exported, docs, chat_answers)
                                            'test'), idx=0,
                         metadata=dict(task='toy', doc_id=0, repeats=1))
     assert lm.generate_until([instance]) == chat_answers[:1]
+
+
+# ---------------------------------------------------------------- the real lmms-eval, end to end
+
+HAS_LMMS_EVAL = importlib.util.find_spec('lmms_eval') is not None  # before any stand-in
+NO_LMMS_EVAL = ('lmms-eval is not installed (optional: `.venv/bin/pip install -r '
+                'requirements-lmms-eval.txt`)')
+TASK_YAML = """task: toy_vqa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {docs}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function toy_utils.doc_to_visual
+doc_to_text: !function toy_utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 6
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  - version: 0.0
+"""
+TASK_UTILS = """import os
+from PIL import Image
+
+def doc_to_visual(doc):
+    return [Image.open(os.path.join(os.path.dirname(__file__), doc['image'])).convert('RGB')]
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc['question']
+"""
+TASK_QUESTIONS = ['What colour is the shape?', 'Describe this image.', 'How many are there?',
+                  'Is it red?']
+
+
+@pytest.fixture(scope='module')
+def local_task(tmp_path_factory):
+    """A local lmms-eval task (``--include_path``): four images (square, wide, tall, larger),
+    a JSON dataset read by ``datasets`` offline."""
+    root = tmp_path_factory.mktemp('task')
+    rng = np.random.default_rng(0)
+    docs = []
+    for i, ((h, w), question) in enumerate(zip([(64, 64), (40, 64), (64, 48), (128, 128)],
+                                               TASK_QUESTIONS)):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f'{i}.png')
+        docs.append(dict(image=f'{i}.png', question=question, answer='red'))
+    (root / 'docs.jsonl').write_text(''.join(json.dumps(d) + '\n' for d in docs))
+    (root / 'toy.yaml').write_text(TASK_YAML.format(docs=root / 'docs.jsonl'))
+    (root / 'toy_utils.py').write_text(TASK_UTILS)
+    return dict(root=str(root), images=[str(root / d['image']) for d in docs])
+
+
+@pytest.fixture(scope='module')
+def both_exports(tmp_path_factory, tiny_tokenizer):
+    """One checkpoint exported twice: mllm's format and transformers' LLaVA layout."""
+    from mllm.cli import main
+
+    root = tmp_path_factory.mktemp('lmms_routes')
+    tiny_tokenizer.save_pretrained(str(root / 'tokenizer'))
+    options = ['--cfg-options', f'tokenizer.pretrained={root / "tokenizer"}']
+    ckpt = save_checkpoint(tiny_cfg(str(root / 'tokenizer')), root / 'iter_1.pth')
+    config = 'configs/tiny/tiny_llava_synthetic.py'
+    for fmt in ('mllm', 'llava_hf'):
+        assert main(['convert', 'pth-to-hf', config, ckpt, str(root / fmt), '--format', fmt,
+                     *options]) == 0
+    return dict(mllm=str(root / 'mllm'), llava_hf=str(root / 'llava_hf'))
+
+
+def run_lmms_eval(launcher, model, model_args, task, out_dir):
+    """One lmms-eval run in a fresh process; the answers of its sample log, by doc id."""
+    import glob
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', OMP_NUM_THREADS='1')
+    done = subprocess.run(
+        [sys.executable, '-m', launcher, '--model', model, '--model_args', model_args,
+         '--tasks', 'toy_vqa', '--include_path', task['root'], '--batch_size', '1',
+         '--output_path', str(out_dir), '--log_samples'],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = glob.glob(os.path.join(out_dir, '*', '*_samples_toy_vqa.jsonl'))
+    assert len(samples) == 1, done.stderr[-3000:]
+    with open(samples[0]) as f:
+        rows = sorted((json.loads(line) for line in f), key=lambda row: row['doc_id'])
+    answers = [row['filtered_resps'] for row in rows]  # a string, or [string] per filter
+    return [a if isinstance(a, str) else a[0] for a in answers]
+
+
+@pytest.fixture(scope='module')
+def task_chat_answers(both_exports, local_task):
+    """``mllm chat``'s answers to the task's questions (lmms-eval's LLaVA layout: the image
+    first, then a newline)."""
+    from mllm.inference.export import load_pretrained
+    from mllm.inference.inference import generate_reply, load_image, prompt_inputs
+
+    model, tokenizer, processor, template = load_pretrained(both_exports['mllm'])
+    answers = []
+    for question, image in zip(TASK_QUESTIONS, local_task['images']):
+        batch = prompt_inputs([{'from': 'human', 'value': f'<image>\n{question}'}], tokenizer,
+                              template, processor, load_image(image))
+        answers.append(generate_reply(model, tokenizer, template, batch, max_new_tokens=6))
+    assert all(answers)
+    return answers
+
+
+@pytest.mark.skipif(not HAS_LMMS_EVAL, reason=NO_LMMS_EVAL)
+@pytest.mark.parametrize('route', ['adapter_launcher', 'lmms_eval_entry_point', 'llava_hf'])
+def test_real_lmms_eval_runs_a_local_task(route, both_exports, local_task, task_chat_answers,
+                                          tmp_path):
+    """Every way to run lmms-eval on a trained model answers as ``mllm chat``:
+    ``python -m mllm.evaluation.lmms_eval_adapter --model mllm``, ``python -m lmms_eval
+    --model mllm`` (the ``lmms_eval.models`` entry point of setup.py) and lmms-eval's own
+    ``llava_hf`` model on the ``--format llava_hf`` export."""
+    if route == 'lmms_eval_entry_point':
+        from importlib.metadata import entry_points
+        found = [ep.value for ep in entry_points(group='lmms_eval.models') if ep.name == 'mllm']
+        assert found == ['mllm.evaluation.lmms_eval_adapter:manifest'], (
+            f'installed entry point {found}: reinstall mllm (`pip install --no-deps -e .`)')
+    if route == 'llava_hf':
+        # lmms-eval's default device_map '' is refused by transformers 5: name the device
+        answers = run_lmms_eval('lmms_eval', 'llava_hf', f'pretrained={both_exports["llava_hf"]},'
+                                'device=cpu,device_map=cpu,dtype=float32', local_task, tmp_path)
+    else:
+        launcher = ('mllm.evaluation.lmms_eval_adapter' if route == 'adapter_launcher'
+                    else 'lmms_eval')
+        answers = run_lmms_eval(launcher, 'mllm', f'pretrained={both_exports["mllm"]}',
+                                local_task, tmp_path)
+    assert answers == task_chat_answers

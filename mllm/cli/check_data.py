@@ -1,7 +1,7 @@
 """``mllm check-data CONFIG``: validate every sample of the training data as training reads
 it (structure, image present and decodable, template encoding, length) and report each
 problem with its file and sample; exit 1 if there is any. Duplicate ids are warnings only.
-``--show N`` prints the first N encoded samples."""
+``--show N`` prints the first N encoded samples; a progress bar runs on a terminal."""
 import json
 import sys
 
@@ -13,22 +13,26 @@ from mllm.datasets.checks import duplicate_ids, sample_problems
 def add_arguments(parser):
     parser.add_argument('config')
     parser.add_argument('--data', help="check this .json/.jsonl instead of the config's file")
-    parser.add_argument('--image-folder', help='image folder for --data')
+    parser.add_argument('--image-folder', help="images of --data (default: the config's folder)")
     parser.add_argument('--show', type=int, default=0, metavar='N',
-                        help='print the first N samples as training encodes them')
+                        help='print the first N samples as training encodes them (every problem '
+                        'is listed as well)')
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
 
 
 def run(args) -> int:
+    from tqdm import tqdm
+
     from mllm.datasets.llava import DataError, sample_id
     from mllm.engine.config import load_config
     from mllm.registry import DATASETS
 
     cfg = load_config(args.config, args.cfg_options)
     dataset_cfg = cfg.train_dataloader.dataset.copy()
-    if args.data:
+    if args.data:  # the config's image folder stays unless --image-folder names another
         dataset_cfg['data_path'] = args.data
+    if args.image_folder:
         dataset_cfg['image_folder'] = args.image_folder
     dataset_cfg['strict'] = False
     try:
@@ -39,10 +43,20 @@ def run(args) -> int:
         else:
             print(err, file=sys.stderr)
         return 1
+    # a bar on a terminal only (tqdm's disable=None), on stderr so --json output stays clean
+    checked = tqdm(sample_problems(dataset), total=len(dataset), desc='checking', unit=' samples',
+                   file=sys.stderr, disable=None, leave=False)
+    problems = list(checked)
+    structural = {index for index, _ in dataset.problems}
     for index in range(min(args.show, len(dataset))):
-        if any(i == index for i, _ in dataset.problems):
+        try:
+            if index in structural:
+                raise DataError('not a sample training can read')
+            item = dataset[index]
+        except DataError:  # it cannot be encoded; its problems are listed below
+            if not args.json:
+                print(f'{dataset.describe(index)}\n  not shown: see its problem below')
             continue
-        item = dataset[index]
         record = dict(index=index, id=sample_id(dataset.samples[index]),
                       input_ids=item['input_ids'].tolist(), labels=item['labels'].tolist())
         print(json.dumps(record) if args.json else
@@ -58,7 +72,6 @@ def run(args) -> int:
         else:
             print(f'{dataset.data_path}: warning: duplicate id {sid!r} at {places[first]} and '
                   f'{places[index]}', file=sys.stderr)
-    problems = list(sample_problems(dataset))
     for index, problem in problems:
         if args.json:
             print(json.dumps(dict(file=dataset.data_path, place=dataset.places[index],

@@ -4,13 +4,15 @@ Generates the synthetic set, trains the tiny LLaVA, trains the same model for th
 steps on blanked images (the blind baseline), answers the held-out questions with both
 (blind: blank images) and prints a table; ``<work-dir>/results.json`` keeps the figures.
 """
+import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
-from typing import List
+from typing import List, Optional
 
 DEMO_CONFIG = 'configs/tiny/tiny_llava_synthetic.py'
 # model name -> (config, blank images); `--models` picks among them, the default stays as it was
@@ -19,7 +21,7 @@ DEMO_MODELS = {
     'blind': (DEMO_CONFIG, True),
     # 256-px ConvNeXt, stride 32: the same 64 visual tokens as the 64-px tiny LLaVA (opt-in)
     'tiny_convllava': ('configs/tiny/tiny_convllava_synthetic.py', False),
-    # native-resolution 2x2 slices + overview, 16 resampled tokens each: 80 tokens (opt-in)
+    # native-resolution 4x4 slices of 64 px + overview, 4 resampled tokens each: 68 tokens (opt-in)
     'tiny_uhd': ('configs/tiny/tiny_uhd_synthetic.py', False),
     # 64-px ViT + 256-px ConvNeXt fused on the same 64-token grid, + 1 token per box (opt-in)
     'tiny_mgllava': ('configs/tiny/tiny_mgllava_synthetic.py', False),
@@ -64,12 +66,33 @@ def add_arguments(parser):
                         help=f'comma-separated, from {",".join(DEMO_MODELS)}')
 
 
+# MMEngine's training log line: "... Iter(train) [ 50/600]  ... eta: 0:01:23 ... loss: 2.3101 ..."
+ITER_LINE = re.compile(r'Iter\(train\)\s*\[\s*(\d+)/(\d+)\]')
+
+
+def progress_line(name: str, line: str) -> Optional[str]:
+    """A one-line summary of a training log line, or None for other lines."""
+    match = ITER_LINE.search(line)
+    if match is None:
+        return None
+    fields = dict(re.findall(r'\b(eta|loss): (\S+)', line))
+    return (f'[demo] {name}: step {match.group(1)}/{match.group(2)}'
+            + ''.join(f'  {k} {fields[k]}' for k in ('loss', 'eta') if k in fields))
+
+
 def train(name: str, args, extra_options) -> float:
-    """Train through the real CLI in a subprocess; returns the wall time in seconds."""
+    """Train through the real CLI in a subprocess, printing a line per logged step (the
+    config's logger interval; ~10 lines for a shorter --max-iters); returns the wall time
+    in seconds. On failure the end of the training output is shown."""
+    from mmengine.config import Config
+
     options = [f'{k}={v}' for k, v in data_options(name, args.data_dir).items()]
     options += extra_options
     if args.max_iters:
         options += schedule_options(DEMO_MODELS[name][0], args.max_iters)
+        interval = Config.fromfile(DEMO_MODELS[name][0]).default_hooks.logger.interval
+        interval = max(1, min(interval, args.max_iters // 10))
+        options.append(f'default_hooks.logger.interval={interval}')
     work_dir = os.path.join(args.work_dir, name)
     if os.path.isdir(work_dir):  # the demo's own output: a rerun trains afresh
         print(f'[demo] removing the previous run in {work_dir}', flush=True)
@@ -78,12 +101,21 @@ def train(name: str, args, extra_options) -> float:
            '--work-dir', work_dir, '--cfg-options', *options]
     print(f'[demo] training {name}: {" ".join(cmd[2:])}', flush=True)
     start = time.time()
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode:
-        sys.stderr.write(result.stderr[-5000:])
-        raise RuntimeError(f'training {name} failed (exit {result.returncode}); '
-                           f'log in {args.work_dir}/{name}')
-    return time.time() - start
+    tail = collections.deque(maxlen=40)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as process:
+        for line in process.stdout:
+            tail.append(line)
+            summary = progress_line(name, line)
+            if summary:
+                print(summary, flush=True)
+    if process.returncode:
+        sys.stderr.write(''.join(tail))
+        raise ChildProcessError(f'training {name} failed (exit {process.returncode}; its last '
+                                f'lines are above); log in {work_dir}')
+    seconds = time.time() - start
+    print(f'[demo] {name} trained in {seconds:.0f} s', flush=True)
+    return seconds
 
 
 def evaluate(name: str, args, blank_images: bool) -> dict:

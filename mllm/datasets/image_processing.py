@@ -108,7 +108,9 @@ class LLaVAImageProcessor:
         self.token_stride = token_stride
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
-        self.pad_colour = tuple(int(round(m * 255)) for m in mean)
+        # truncated, not rounded: LLaVA's expand2square (train.py) and transformers'
+        # LlavaImageProcessor both pad with int(m * 255)
+        self.pad_colour = tuple(int(m * 255) for m in mean)
         self.pad_to_square = pad_to_square
         self.keep_aspect = keep_aspect
 

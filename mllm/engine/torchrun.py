@@ -12,6 +12,7 @@ store with ``multi_tenant=True``). So on node 0 this module starts that server o
 bound to ADDR:PORT, then runs torchrun in the same process.
 """
 import datetime
+import os
 import socket
 import sys
 from typing import List, Optional
@@ -40,7 +41,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     store = None
     if args.rdzv_backend == 'static' and args.node_rank == 0 and args.master_port:
         store = bound_store(args.master_addr, args.master_port)  # noqa: F841 (kept alive)
-    torchrun(argv)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    try:
+        torchrun(argv)
+    except ChildFailedError as err:
+        if os.environ.get('MLLM_DEBUG', '') not in ('', '0'):
+            raise
+        # each process printed its own one-line error; torch's 40-line report adds nothing
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode
+        if code < 0:  # killed: name the signal, as torch's report does (e.g. SIGKILL)
+            import signal
+            try:
+                code = f'{code}, {signal.Signals(-code).name}'
+            except ValueError:
+                pass
+        print(f'mllm train: error: the process of rank {rank} failed first (exit '
+              f'{code}; the errors are above, MLLM_DEBUG=1 shows torchrun\'s report)',
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == '__main__':

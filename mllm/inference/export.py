@@ -17,7 +17,10 @@ An exported folder never switches on ``trust_remote_code`` (running Python files
 with it): the export leaves the key out, loading refuses a folder that sets it, and only the
 loading user turns it on (``--trust-remote-code``; ``trust_remote_code=True`` in Python).
 ``export_llava_hf`` writes transformers' own ``LlavaForConditionalGeneration`` layout for
-the plain LLaVA architecture (CLIP + 2-layer MLP projector).
+the plain LLaVA architecture (CLIP + 2-layer MLP projector), ``export_remote_code`` a folder
+that transformers loads with ``trust_remote_code=True`` (ConvLLaVA; the modeling file from
+``remote_code/`` is written next to the weights). Both carry transformers' ``LlavaProcessor``
+and the training chat template as Jinja (``mllm.inference.chat_template``).
 """
 import inspect
 import json
@@ -307,30 +310,67 @@ def _check_plain_llava(model) -> None:
                          'mlp2x_gelu): ' + '; '.join(problems) + '. Use --format mllm.')
 
 
-def export_llava_hf(model, tokenizer, image_processor, out_dir: str):
-    """Write ``LlavaForConditionalGeneration`` + tokenizer + ``LlavaProcessor`` to ``out_dir``.
+def _hf_image_processor(image_processor):
+    """transformers' ``LlavaImageProcessor`` set up as mllm's ``LLaVAImageProcessor``: pad to a
+    square with the mean colour (LLaVA-1.5's expand2square), resize to size x size, no crop."""
+    from transformers import LlavaImageProcessorPil
+
+    if getattr(image_processor, 'keep_aspect', False):
+        raise ValueError("transformers' LlavaProcessor needs square images (one token count "
+                         'per image), but the image processor keeps the aspect ratio '
+                         '(keep_aspect=True); use --format mllm')
+    size = image_processor.size
+    # NOTE: saved as 'LlavaImageProcessor'; AutoProcessor picks its torchvision backend by
+    # default, whose bicubic resize differs from PIL's (ours) by up to ~0.03 after
+    # normalisation; backend='pil' resizes as mllm does. No resize (an image already at
+    # size x size after padding) gives equal pixels either way.
+    return LlavaImageProcessorPil(
+        do_pad=image_processor.pad_to_square, size={'height': size, 'width': size},
+        do_center_crop=False, resample=3,  # PIL.Image.BICUBIC
+        image_mean=image_processor.mean.flatten().tolist(),
+        image_std=image_processor.std.flatten().tolist())
+
+
+def _generation_config(tokenizer, template):
+    """Defaults so a bare ``generate()`` stops at the template's end-of-turn token and pads
+    with the tokenizer's pad token (no 'Setting pad_token_id to eos_token_id' warning)."""
+    from transformers import GenerationConfig
+
+    from mllm.datasets.templates import stop_token_id
+
+    eos_id = stop_token_id(tokenizer, template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_id,
+                            pad_token_id=pad_id)
+
+
+def export_llava_hf(model, tokenizer, image_processor, out_dir: str, template=None):
+    """Write ``LlavaForConditionalGeneration`` + tokenizer + ``LlavaProcessor`` to ``out_dir``,
+    so transformers' standard route (``AutoProcessor``, ``apply_chat_template``,
+    ``processor(images=, text=)``, ``generate``) prompts the model as training did.
 
     The HF model marks image positions with a vocabulary token, not our -200 sentinel:
     ``<image>`` is added to the tokenizer if missing and the embeddings are resized when
     its id falls outside them. ``tokenizer`` is changed in place.
 
-    NOTE: transformers' CLIPImageProcessor resizes and centre-crops; LLaVA-1.5 pads to a
-    square first. Pixel values equal ours only for square images (as for every HF LLaVA).
+    Args:
+        template: the training chat template (name or ChatTemplate). Written as a Jinja
+            ``chat_template`` for processor and tokenizer (``mllm.inference.chat_template``,
+            checked against mllm's prompt builder) with a generation config that stops at its
+            end-of-turn token. None writes neither. Defaults to None.
 
     Returns:
         The ``LlavaForConditionalGeneration`` (its ``config.image_token_index`` is the id).
     """
-    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
     try:
         from transformers.initialization import no_init_weights  # transformers 5
     except ImportError:
         from transformers.modeling_utils import no_init_weights
 
     _check_plain_llava(model)
-    if IMAGE_TOKEN_TEXT not in tokenizer.get_vocab():
-        tokenizer.add_tokens([IMAGE_TOKEN_TEXT], special_tokens=True)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_TEXT)
+    _hf_image_processor(image_processor)  # refuses what transformers LLaVA cannot do, early
+    image_token_id, chat_template = _prepare_text_side(tokenizer, template)
     vision = model.vision_encoder
     size = image_processor.size
     config = LlavaConfig(
@@ -344,12 +384,159 @@ def export_llava_hf(model, tokenizer, image_processor, out_dir: str):
     hf_model.load_state_dict(llava_hf_state_dict(model), strict=True)
     if image_token_id >= hf_model.get_input_embeddings().num_embeddings:
         hf_model.resize_token_embeddings(image_token_id + 1)
+    if template is not None:
+        hf_model.generation_config = _generation_config(tokenizer, template)
     hf_model.eval().save_pretrained(out_dir)
-    processor = CLIPImageProcessor(
-        size={'shortest_edge': size}, crop_size={'height': size, 'width': size},
-        image_mean=image_processor.mean.flatten().tolist(),
-        image_std=image_processor.std.flatten().tolist())
-    LlavaProcessor(image_processor=processor, tokenizer=tokenizer, patch_size=vision.patch_size,
-                   vision_feature_select_strategy=config.vision_feature_select_strategy,
-                   image_token=IMAGE_TOKEN_TEXT).save_pretrained(out_dir)
+    llava_hf_processor(model, tokenizer, image_processor, chat_template).save_pretrained(out_dir)
     return hf_model
+
+
+def llava_hf_processor(model, tokenizer, image_processor, chat_template: Optional[str] = None):
+    """The ``LlavaProcessor`` for ``model`` (a plain LLaVA): it inserts one ``<image>`` per
+    image feature the model computes."""
+    vision = model.vision_encoder
+    # CLIP's sequence has a CLS token (+1) that strategy 'default' drops again (-1): the
+    # processor then inserts (size / patch)^2 image tokens, one per feature
+    return _llava_processor(tokenizer, image_processor, vision.patch_size, 1,
+                            'default' if vision.select_feature == 'patch' else 'full',
+                            chat_template)
+
+
+def _llava_processor(tokenizer, image_processor, patch_size: int, additional_tokens: int,
+                     strategy: str, chat_template: Optional[str]):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=_hf_image_processor(image_processor), tokenizer=tokenizer,
+        patch_size=patch_size, num_additional_image_tokens=additional_tokens,
+        vision_feature_select_strategy=strategy, image_token=IMAGE_TOKEN_TEXT,
+        chat_template=chat_template)
+
+
+def _prepare_text_side(tokenizer, template) -> Tuple[int, Optional[str]]:
+    """``<image>`` added to ``tokenizer`` (in place), no token_type_ids (no forward takes
+    them), and the Jinja chat template checked against mllm's prompt builder.
+    Returns (image token id, chat template or None)."""
+    from mllm.inference.chat_template import fit_chat_template
+
+    if IMAGE_TOKEN_TEXT not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN_TEXT], special_tokens=True)
+    tokenizer.model_input_names = tokenizer.init_kwargs['model_input_names'] = [
+        'input_ids', 'attention_mask']
+    chat_template = None
+    if template is not None:
+        chat_template = fit_chat_template(template, tokenizer)
+    tokenizer.chat_template = chat_template
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_TEXT), chat_template
+
+
+# ------------------------------------------------------------------ transformers remote code
+
+REMOTE_CODE_DIR = os.path.join(os.path.dirname(__file__), 'remote_code')
+# architecture -> (modeling files written next to the weights, the one auto_map names)
+REMOTE_CODE_FILES = {
+    'convllava': (['modeling_mllm_convllava'], 'modeling_mllm_convllava',
+                  'MllmConvLlavaConfig', 'MllmConvLlavaForCausalLM'),
+    'mgllava': (['modeling_mllm_convllava', 'modeling_mllm_mgllava'], 'modeling_mllm_mgllava',
+                'MllmMgLlavaConfig', 'MllmMgLlavaForCausalLM'),
+}
+
+
+def _remote_code_kind(model) -> str:
+    """'convllava' or 'mgllava' for the architectures the remote code covers, else raises."""
+    from mllm.models.convnext import ConvNeXtEncoder
+    from mllm.models.fusion import ConvGateFusion
+    from mllm.models.llava import LLaVAModel
+    from mllm.models.mgllava import MGLLaVAModel
+    from mllm.models.projectors import MLPProjector
+    from mllm.models.vision import CLIPVisionEncoder
+
+    problems, kind = [], None
+    if type(model) is LLaVAModel and isinstance(model.vision_encoder, ConvNeXtEncoder):
+        kind = 'convllava'
+    elif type(model) is MGLLaVAModel and isinstance(model.vision_encoder, CLIPVisionEncoder):
+        kind = 'mgllava'
+        if not isinstance(model.fusion, ConvGateFusion) or model.fusion.resize_high:
+            problems.append('the fusion is not a ConvGateFusion on matching grids')
+        if not isinstance(model.bbox_projector, MLPProjector):
+            problems.append('the bbox projector is not an MLP')
+    else:
+        problems.append(f'the model is {type(model).__name__} with a '
+                        f'{type(model.vision_encoder).__name__}')
+    if not isinstance(model.projector, MLPProjector):
+        problems.append(f'the projector is {type(model.projector).__name__}, not an MLP')
+    if _is_peft(model.llm):
+        problems.append('the LLM still has LoRA adapters (merge them first)')
+    if problems:
+        raise ValueError('--format remote_code covers ConvLLaVA (LLaVAModel + ConvNeXtEncoder) '
+                         'and MG-LLaVA (MGLLaVAModel, without object boxes) so far: '
+                         + '; '.join(problems) + '. Use --format mllm.')
+    return kind
+
+
+def _convnext_config(encoder, encoder_cfg: dict) -> dict:
+    """What ``modeling_mllm_convllava.ConvNeXtTower`` builds the same ConvNeXt from."""
+    return dict(backend=encoder.backend, hf_config=encoder.weightless_cfg()['config'],
+                model_name=encoder_cfg.get('model_name'),
+                model_kwargs=encoder_cfg.get('model_kwargs'),
+                extra_stage=encoder_cfg.get('extra_stage'))
+
+
+def _remote_config(kind: str, cfg, model, image_token_id: int) -> dict:
+    """The custom config's fields for ``kind``."""
+    fields = dict(text_config=model.llm.config.to_dict(), projector_depth=model.projector.depth,
+                  image_token_index=image_token_id)
+    model_cfg = _plain(cfg.model)
+    if kind == 'convllava':
+        return dict(fields, vision_config=_convnext_config(model.vision_encoder,
+                                                           model_cfg['vision_encoder']))
+    return dict(fields, clip_config=model.vision_encoder.model.config.to_dict(),
+                select_layer=model.vision_encoder.select_layer,
+                vision_config=_convnext_config(model.high_res_encoder,
+                                               model_cfg['high_res_encoder']),
+                gate_channels=model.fusion.gate[0].out_features,
+                bbox_projector_depth=model.bbox_projector.depth,
+                bbox_in_channels=model.bbox_projector.linear_1.in_features)
+
+
+def export_remote_code(cfg, model, tokenizer, image_processor, out_dir: str, template=None):
+    """Write a folder that plain transformers loads with ``trust_remote_code=True``:
+    ``config.json`` (its ``auto_map`` names the modeling file of ``remote_code/``, written next
+    to the weights; it needs torch, transformers and timm/open_clip, not mllm), mllm's state
+    dict as ``model.safetensors``, the generation config, and transformers' own
+    ``LlavaProcessor`` + tokenizer with the training chat template. ConvLLaVA and MG-LLaVA
+    (its fused grid; object boxes are not supported there).
+
+    ``model.llm`` gets a row for ``<image>`` when the tokenizer needs a new id (in place).
+    """
+    import importlib
+    import shutil
+
+    from safetensors.torch import save_file
+
+    kind = _remote_code_kind(model)
+    stride = (model.vision_encoder if kind == 'convllava' else model.high_res_encoder).stride
+    if image_processor is not None and image_processor.token_stride != stride:
+        raise ValueError(f'the image processor reserves one token per {image_processor.token_stride}'
+                         f' px but the encoder has stride {stride}')
+    image_token_id, chat_template = _prepare_text_side(tokenizer, template)
+    if image_token_id >= model.llm.get_input_embeddings().num_embeddings:
+        model.llm.resize_token_embeddings(image_token_id + 1)
+    files, main, config_class, model_class = REMOTE_CODE_FILES[kind]
+    remote = importlib.import_module(f'mllm.inference.remote_code.{main}')
+    config = getattr(remote, config_class)(**_remote_config(kind, cfg, model, image_token_id))
+    config.architectures = [model_class]
+    config.auto_map = {'AutoConfig': f'{main}.{config_class}',
+                       'AutoModelForCausalLM': f'{main}.{model_class}'}
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    for name in files:
+        shutil.copy(os.path.join(REMOTE_CODE_DIR, f'{name}.py'), out_dir)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
+    if template is not None:
+        _generation_config(tokenizer, template).save_pretrained(out_dir)
+    # no CLS token in the grid: 'full' and +0 give (size / stride)^2 tokens
+    _llava_processor(tokenizer, image_processor, stride, 0, 'full',
+                     chat_template).save_pretrained(out_dir)
+    return out_dir
