@@ -1,14 +1,16 @@
-"""`mllm plan`: per-GPU memory under each ZeRO stage (formulas in mllm.bench.memory)."""
+"""`mllm plan`: per-GPU memory under each ZeRO stage and the recompute policy that fits it
+(formulas in mllm.bench.memory)."""
 import json
 
 import pytest
+import torch
 
+from helpers import swap_config
+from mllm.bench.memory import (PARTS, STAGES, Batch, Transformer, activation_gb,
+                               model_state_gb, plan_memory, plan_policy,
+                               resolve_auto_checkpointing, worst_batch)
 from mllm.cli import main
 from mllm.engine.config import load_config
-from mllm.bench.memory import STAGES, Transformer, activation_gb, model_state_gb, plan_memory
-from helpers import swap_config
-
-
 
 
 def plan_json(capsys, *args):
@@ -32,25 +34,92 @@ def test_model_states_follow_the_zero_paper():
 
 
 def test_activations_use_korthikanti_per_layer_formula():
-    llm = Transformer(layers=1, hidden=4096, heads=32, flash=False)
-    s, b = 2048, 1
-    expected = s * b * 4096 * (34 + 5 * 32 * s / 4096) + 10 * s * b * 32000
-    assert activation_gb(llm, 32000, s, b, checkpointing=False) == pytest.approx(expected / 1e9)
+    """34·T·h per block (+ 5·a·s·T eager), 2·T·h for a checkpointed one plus one block live
+    during its recompute; logits at learned positions only with the answer-only head."""
+    llm = Transformer(layers=4, hidden=4096, heads=32, flash=False)
+    batch = Batch(micro_batch=1, tokens=2048, longest=2048, learned=100, images=1, source='')
+    th = 2048 * 4096
+    block = 34 * th + 5 * 32 * 2048 * 2048
+    parts = activation_gb(llm, 32000, batch, 0, answer_only_head=False)
+    assert parts['activations_gb'] == pytest.approx(4 * block / 1e9)
+    assert parts['logits_gb'] == pytest.approx(10 * 2048 * 32000 / 1e9)
+    assert activation_gb(llm, 32000, batch, 0)['logits_gb'] == pytest.approx(10 * 100 * 32000 / 1e9)
     llm.flash = True
-    assert activation_gb(llm, 32000, s, b, False) == pytest.approx(
-        (34 * s * b * 4096 + 10 * s * b * 32000) / 1e9)
+    # the backward frees the last (kept) block before it recomputes a checkpointed one
+    assert activation_gb(llm, 32000, batch, 3)['activations_gb'] == pytest.approx(
+        (34 * th * 1 + 2 * th * 3) / 1e9)
+    assert activation_gb(llm, 32000, batch, 4)['activations_gb'] == pytest.approx(
+        (2 * th * 4 + 34 * th) / 1e9)
 
 
-def test_vicuna7b_finetune_fits_under_zero2(capsys):
+def test_each_stage_total_is_the_sum_of_its_parts(capsys):
+    """Nothing is left out of the per-GPU total (the optimizer state included)."""
+    report = plan_json(capsys, 'llava15_vicuna7b_finetune')
+    for stage, row in report['stages'].items():
+        assert row['memory_gb'] == pytest.approx(sum(row[p] for p in PARTS), abs=0.011), stage
+        assert row['optimizer'] > 10 or stage == 'zero3_offload'
+        assert {'memory_gb', 'fits', 'micro_batch', 'checkpoint_layers',
+                'recompute_share'} <= set(row)
+
+
+def test_vicuna7b_finetune_zero2_total_worked_by_hand(capsys):
+    """LLaVA-1.5-7B finetune, 8 x 80 GB, ZeRO-2, 16 x 2048 tokens (no data given): the
+    policy checkpoints 24 of 32 layers. By hand, in GB:"""
+    params, trainable = 7_062_902_784, 6_759_395_328  # mllm inspect
+    th = 16 * 2048 * 4096  # tokens x hidden
+    expected = (2 * params / 1e9                       # bf16 weights, replicated
+                + 2 * trainable / 8 / 1e9              # bf16 gradients, sharded
+                + 12 * trainable / 8 / 1e9             # fp32 master + Adam moments, sharded
+                + (34 * th * (32 - 24) + 2 * th * 24) / 1e9  # activations
+                + 10 * 16 * (2048 - 576) * 32000 / 1e9  # answer-only logits (text positions)
+                + 3.0)                                 # CUDA context, fragmentation
+    assert expected == pytest.approx(79.45, abs=0.01)
     report = plan_json(capsys, 'llava15_vicuna7b_finetune', '--gpus', '8', '--gpu-mem', '80')
-    assert set(report['stages']) == set(STAGES)
-    assert all({'memory_gb', 'fits'} <= set(row) for row in report['stages'].values())
-    assert report['stages']['zero2']['fits'] and report['cheapest'] in ('zero1', 'zero2')
-    zero = report['stages']
-    assert zero['zero1']['memory_gb'] > zero['zero2']['memory_gb'] > zero['zero3']['memory_gb']
-    # checkpointing is on in the recipe; without it nothing fits at 16 x 2048 tokens
-    assert report['gradient_checkpointing'] and report['seq_len'] == 2048
-    assert not any(row['memory_gb_without_checkpointing'] <= 80 for row in zero.values())
+    zero2 = report['stages']['zero2']
+    assert zero2['checkpoint_layers'] == 24 and zero2['micro_batch'] == 16
+    assert zero2['memory_gb'] == pytest.approx(expected, abs=0.02)
+    # README: vicuna7b finetuning runs ZeRO-2, the stage with the least recompute at DDP's
+    # communication volume; every stage fits with the planned policy, none without recompute
+    assert report['recommended'] == 'zero2' and report['cheapest'] == 'zero1'
+    assert zero2['recompute_share'] < report['stages']['zero1']['recompute_share'] < 1 / 3 + 0.01
+    assert not any(row['memory_gb_without_checkpointing'] <= 80
+                   for row in report['stages'].values())
+
+
+@pytest.mark.parametrize('gpu_mem', [40.0, 80.0, 141.0])
+def test_planned_policy_fits_and_is_the_least_recompute(gpu_mem):
+    """Per stage: the planned total fits, and one checkpointed layer fewer would not."""
+    cfg = load_config('llava15_vicuna7b_finetune')
+    report = plan_memory(cfg, gpus=8, gpu_mem_gb=gpu_mem)
+    llm = Transformer(layers=32, hidden=4096, heads=32, flash=True)
+    batch = worst_batch(16, 2048, 576, flat=True)
+    for stage, row in report['stages'].items():
+        if not row['fits']:
+            assert row['checkpoint_layers'] == 32, stage
+            continue
+        assert row['memory_gb'] <= gpu_mem, stage
+        k = row['checkpoint_layers']
+        if k:
+            fewer = activation_gb(llm, 32000, batch, k - 1)
+            states = sum(row[p] for p in ('weights', 'gradients', 'optimizer', 'working_set'))
+            assert states + 3.0 + sum(fewer.values()) > gpu_mem, stage
+
+
+def test_plan_policy_prefers_no_recompute_when_it_fits():
+    llm = Transformer(layers=8, hidden=256, heads=4, flash=True, params_per_layer=800_000)
+    batch = Batch(4, 1000, 400, 300, 4, '')
+    assert plan_policy(100.0, llm, 32000, batch, True)['checkpoint_layers'] == 0
+    tight = plan_policy(0.14, llm, 32000, batch, True)  # logits alone take 0.096
+    assert 0 < tight['checkpoint_layers'] < 8 and tight['fits']
+    assert plan_policy(1e-6, llm, 32000, batch, True)['fits'] is False
+
+
+def test_plan_rejects_zero_gpus(capsys):
+    capsys.readouterr()
+    assert main(['plan', 'llava15_vicuna7b_finetune', '--gpus', '0']) == 2
+    assert '--gpus: must be at least 1, got 0' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='gpus must be at least 1'):
+        plan_memory(load_config('configs/tiny/tiny_llava_synthetic.py'), gpus=0)
 
 
 def test_yi34b_full_finetune_fits_only_under_zero3_or_offload(tmp_path, capsys):
@@ -58,15 +127,14 @@ def test_yi34b_full_finetune_fits_only_under_zero3_or_offload(tmp_path, capsys):
     report = plan_json(capsys, config, '--gpus', '8', '--gpu-mem', '80')
     stages = report['stages']
     assert not stages['zero1']['fits'] and not stages['zero2']['fits']
-    assert stages['zero3']['fits'] or stages['zero3_offload']['fits']
     assert report['cheapest'] in ('zero3', 'zero3_offload')
     assert report['trainable_params'] > 34e9
     # model states alone are 16 bytes per trainable parameter over 8 GPUs
     states = sum(stages['zero3'][k] for k in ('weights', 'gradients', 'optimizer'))
     assert states == pytest.approx(16 * report['trainable_params'] / 8 / 1e9, rel=0.01)
     # at one sample per GPU, ZeRO-3 itself fits (no CPU offload needed)
-    small = plan_json(capsys, config, '--cfg-options', 'train_dataloader.batch_size=1')
-    assert small['cheapest'] == 'zero3'
+    small = plan_json(capsys, config, '--micro-batch', '1')
+    assert small['cheapest'] == 'zero3' and small['recommended'] == 'zero3'
 
 
 def test_plan_text_output_names_the_cheapest_stage(capsys):
@@ -77,9 +145,121 @@ def test_plan_text_output_names_the_cheapest_stage(capsys):
     assert 'cheapest stage that fits: zero1' in out and 'zero3_offload' in out
 
 
-def test_plan_memory_on_a_loaded_config_uses_the_dataset_length():
-    cfg = load_config('configs/tiny/tiny_llava_synthetic.py')
-    report = plan_memory(cfg, gpus=1, gpu_mem_gb=1, precision='fp32', overhead_gb=0)
-    assert report['seq_len'] == 256 and report['batch_per_gpu'] == 32
-    short = plan_memory(cfg, gpus=1, gpu_mem_gb=1, precision='fp32', seq_len=64, overhead_gb=0)
-    assert short['stages']['zero1']['activations_gb'] < report['stages']['zero1']['activations_gb']
+def test_plan_reads_real_lengths_from_the_token_cache(tmp_path, capsys):
+    """The worst micro-batch of the real data (the longest samples, padding-free) instead
+    of micro-batch x max_length."""
+    from mllm.datasets.synthetic import generate_synthetic_vqa
+    from mllm.registry import DATASETS
+    data = generate_synthetic_vqa(str(tmp_path / 'data'), num_train=40, num_val=0)
+    options = [f'train_dataloader.dataset.data_path={data["train"]}',
+               f'train_dataloader.dataset.image_folder={data["image_folder"]}',
+               f'tokenizer.pretrained={data["tokenizer"]}',
+               f'train_dataloader.dataset.token_cache={tmp_path / "cache"}',
+               'train_dataloader.collate_fn.type=mllm.flat_llava_collate']
+    cfg = load_config('configs/tiny/tiny_llava_synthetic.py',
+                      dict(o.split('=', 1) for o in options))
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)  # builds the cache
+    lengths = sorted((len(dataset.encode(i)['input_ids']) for i in range(40)), reverse=True)
+    (folder,) = (tmp_path / 'cache').iterdir()
+    real = plan_json(capsys, 'configs/tiny/tiny_llava_synthetic.py', '--lengths', str(folder),
+                     '--cfg-options', *options)
+    assert real['tokens_per_micro_batch'] == sum(lengths[:32]) and real['seq_len'] == lengths[0]
+    assert 'token cache' in real['lengths_from']
+    assumed = plan_json(capsys, 'configs/tiny/tiny_llava_synthetic.py', '--cfg-options', *options)
+    assert assumed['tokens_per_micro_batch'] == 32 * 256
+    assert (real['stages']['zero1']['activations_gb']
+            < assumed['stages']['zero1']['activations_gb'])
+    assert plan_json(capsys, 'configs/tiny/tiny_llava_synthetic.py', '--lengths', 'config',
+                     '--cfg-options', *options)['tokens_per_micro_batch'] == sum(lengths[:32])
+
+
+def test_resolve_auto_for_the_run(monkeypatch):
+    """'auto' becomes the plan's policy for the run's GPU memory; without CUDA and without
+    gpu_mem_gb nothing is checkpointed, and that is said."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    cfg = load_config('llava15_vicuna7b_finetune')
+    messages = []
+    assert resolve_auto_checkpointing(cfg, logger=messages.append) is None
+    assert cfg.model.gradient_checkpointing == dict(llm=0, vision=False)
+    assert 'no CUDA device' in messages[0]
+    from mllm.engine.runner import use_deepspeed
+    cfg = load_config('llava15_vicuna7b_finetune', {'gpu_mem_gb': 80})
+    use_deepspeed(cfg, 'zero2')
+    row = resolve_auto_checkpointing(cfg, gpus=8, logger=messages.append)
+    assert cfg.model.gradient_checkpointing == dict(llm=row['checkpoint_layers'], vision=False)
+    assert 0 < row['checkpoint_layers'] < 32 and 'zero2' in messages[-1]
+
+
+def _tiny_llava(checkpointing):
+    from mllm.models.llava import LLaVAModel
+    torch.manual_seed(0)
+    return LLaVAModel(
+        llm=dict(type='HFCausalLM', attn_implementation='sdpa', config=dict(
+            model_type='llama', hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, intermediate_size=128, vocab_size=300)),
+        vision_encoder=dict(type='CLIPVisionEncoder', config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8)),
+        trainable=['vision_encoder', 'projector', 'llm'],
+        gradient_checkpointing=checkpointing).train()
+
+
+def test_planned_policy_step_is_identical_to_full_checkpointing():
+    """A step with 2 of 4 LLM layers checkpointed (and the tower) gives the same loss and
+    gradients, bit for bit, as full checkpointing and as none."""
+    from mllm.datasets.collate import flat_llava_collate
+    g = torch.Generator().manual_seed(0)
+    instances = []
+    for n in (30, 20, 45):
+        ids = torch.randint(3, 300, (n,), generator=g)
+        ids[1:17] = -200  # one image: 16 tokens
+        labels = ids.clone()
+        labels[:max(17, n // 2)] = -100
+        instances.append(dict(input_ids=ids, labels=labels,
+                              pixel_values=torch.randn(3, 32, 32, generator=g)))
+    batch = flat_llava_collate(instances)
+    batch.pop('sample_rows'), batch.pop('num_tokens')
+    results = []
+    for policy in (dict(llm=2, vision=True), True, False):
+        model = _tiny_llava(policy)
+        flags = [layer.gradient_checkpointing for layer in model.llm.model.layers]
+        loss = model(**batch, mode='loss')['loss']
+        loss.backward()
+        results.append((flags, loss.detach(),
+                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert results[0][0] == [True, True, False, False] and all(results[1][0])
+    for _, loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][1])
+        assert grads.keys() == results[0][2].keys()
+        for name, grad in grads.items():
+            assert torch.equal(grad, results[0][2][name]), name
+
+
+def test_unresolved_auto_refuses_to_train():
+    model = _tiny_llava('auto')
+    with pytest.raises(RuntimeError, match="'auto' is resolved from the memory plan"):
+        ids = torch.ones(1, 4, dtype=torch.long)
+        model(input_ids=ids, labels=ids)
+
+
+@pytest.mark.slow  # ~30 s: a real `mllm train` run
+def test_train_resolves_auto_from_the_plan(tmp_path, capfd):
+    """`mllm train` with gradient_checkpointing='auto' and a memory budget trains with the
+    planned layers checkpointed, on padding-free batches with the token cache."""
+    from mllm.datasets.synthetic import generate_synthetic_vqa
+    data = generate_synthetic_vqa(str(tmp_path / 'data'), num_train=16, num_val=0)
+    work_dir = tmp_path / 'run'
+    assert main(['train', 'configs/tiny/tiny_llava_synthetic.py', '--work-dir', str(work_dir),
+                 '--cfg-options', 'model.gradient_checkpointing=auto', 'gpu_mem_gb=0.06',
+                 'train_dataloader.collate_fn.type=mllm.flat_llava_collate',
+                 'llm.attn_implementation=sdpa',
+                 f'train_dataloader.dataset.token_cache={tmp_path / "cache"}',
+                 'train_dataloader.batch_size=8', 'train_cfg.max_iters=1',
+                 'default_hooks.checkpoint.interval=2',
+                 f'train_dataloader.dataset.data_path={data["train"]}',
+                 f'train_dataloader.dataset.image_folder={data["image_folder"]}',
+                 f'tokenizer.pretrained={data["tokenizer"]}']) == 0
+    out = ''.join(capfd.readouterr())
+    assert "gradient_checkpointing='auto': 1 of 2 LLM layers checkpointed (none" in out
+    dumped = load_config(str(next(work_dir.glob('*.py'))))  # the config the run used
+    assert dumped.model.gradient_checkpointing == dict(llm=1, vision=False)

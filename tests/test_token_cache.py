@@ -98,3 +98,26 @@ def test_cache_keeps_encoding_errors(tiny_llava_files, tiny_tokenizer, tmp_path)
     skipping = _dataset(tiny_llava_files, tiny_tokenizer, str(tmp_path / 'c'), path=str(path),
                         bad_sample_policy='skip', max_skipped_ratio=0.5)
     assert skipping[2]['index'] == 3
+
+
+def test_first_use_builds_with_a_progress_bar(tiny_llava_files, tiny_tokenizer, tmp_path, capsys):
+    """The cache builds itself on first use and says how far it is (stderr, rank 0)."""
+    _dataset(tiny_llava_files, tiny_tokenizer, str(tmp_path / 'cache'))
+    err = capsys.readouterr().err
+    assert 'token cache' in err and '100%' in err
+    _dataset(tiny_llava_files, tiny_tokenizer, str(tmp_path / 'cache'))  # read back: no bar
+    assert 'token cache' not in capsys.readouterr().err
+
+
+def test_sample_lengths_match_encoded_samples(tiny_llava_files, tiny_tokenizer, tmp_path):
+    """Lengths read from the cache arrays alone equal the encoded samples' lengths."""
+    processor = LLaVAImageProcessor(size=32, token_stride=8)
+    dataset = _dataset(tiny_llava_files, tiny_tokenizer, str(tmp_path / 'cache'),
+                       image_processor=processor)
+    lengths = token_cache.sample_lengths(dataset.token_cache)
+    visual = processor.num_visual_tokens((32, 32))
+    for i in range(len(dataset)):
+        encoded = dataset.encode(i)
+        assert (lengths['text'][i] + lengths['images'][i] * visual
+                == len(encoded['input_ids'])), i
+        assert lengths['learned'][i] == int((encoded['labels'] != -100).sum()), i

@@ -100,16 +100,18 @@ def write_bench_data(root: str, num_samples: int = 512, seed: int = 0) -> Dict[s
 
 
 def save_tiny_checkpoints(root: str, llm_layers: int = 2, image_size: int = 64,
-                          seed: int = 0) -> Dict[str, str]:
+                          seed: int = 0, llm_config: Optional[dict] = None) -> Dict[str, str]:
     """Random tiny Llama and CLIP ViT written with ``save_pretrained``: both paths load
-    exactly these weights."""
+    exactly these weights. ``llm_config`` overrides ``TINY_LLM`` fields (a preset's
+    proportions)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     llm_dir, vision_dir = osp.join(root, 'llm'), osp.join(root, 'vision')
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        LlamaForCausalLM(LlamaConfig(**dict(TINY_LLM, num_hidden_layers=llm_layers))
-                         ).save_pretrained(llm_dir)
+        config = dict(TINY_LLM, **(llm_config or {}))
+        config['num_hidden_layers'] = llm_layers
+        LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(llm_dir)
         CLIPVisionModel(CLIPVisionConfig(**dict(TINY_VIT, image_size=image_size))
                         ).save_pretrained(vision_dir)
     return dict(llm=llm_dir, vision=vision_dir)
@@ -128,7 +130,7 @@ def _xtuner_map_fn(example):
 
 def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int,
                     patch_size: int, attn: str = 'sdpa', token_cache: Optional[str] = None,
-                    answer_only_last_layer: bool = True):
+                    answer_only_last_layer: bool = True, gradient_checkpointing=False):
     """mllm's LLaVAModel (projector + LLM train, vision frozen: the finetune recipe) and
     LLaVADataset, reading its offline tokenisation cache under ``token_cache`` (built
     first), as XTuner's path reads its offline folder."""
@@ -140,6 +142,7 @@ def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int
     model = MODELS.build(dict(
         type='LLaVAModel', trainable=['projector', 'llm'],
         answer_only_last_layer=answer_only_last_layer,
+        gradient_checkpointing=gradient_checkpointing,
         llm=dict(type='HFCausalLM', pretrained=ckpt['llm'], attn_implementation=attn),
         vision_encoder=dict(type='CLIPVisionEncoder', pretrained=ckpt['vision'],
                             select_layer=-2)))
@@ -152,7 +155,7 @@ def build_mllm_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int
 
 
 def build_xtuner_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: int,
-                      work_dir: str, attn: str = 'sdpa'):
+                      work_dir: str, attn: str = 'sdpa', checkpointing: bool = False):
     """Stock XTuner 0.2.0: ``LLaVAModel`` with the stock finetune settings (vision frozen,
     LLM trains, projector depth 2, layer -2) built from the same checkpoints, and
     ``LLaVADataset`` with the vicuna template, pad-to-square and CLIP's image processor.
@@ -160,8 +163,9 @@ def build_xtuner_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: i
     Text is tokenised with XTuner's own ``process_hf_dataset`` (one process, not its
     default 32) and loaded through ``offline_processed_text_folder``, XTuner's documented
     offline path. Towers are passed as built modules, which skips the dtype probing that
-    calls the missing ``torch.cpu.is_bf16_supported`` (REFERENCE.md §3). Activation
-    checkpointing is off, as on mllm's side.
+    calls the missing ``torch.cpu.is_bf16_supported`` (REFERENCE.md §3).
+    ``checkpointing`` is XTuner's ``use_activation_checkpointing`` (on in its LLaVA
+    configs: the LLM, the frozen vision tower and the projector recompute).
     """
     from datasets import DatasetDict
     from datasets import Dataset as HFDataset
@@ -177,7 +181,7 @@ def build_xtuner_path(paths: Dict[str, str], ckpt: Dict[str, str], image_size: i
                                                torch_dtype=torch.float32)
     model = LLaVAModel(llm=llm, visual_encoder=CLIPVisionModel.from_pretrained(ckpt['vision']),
                        freeze_llm=False, freeze_visual_encoder=True, visual_select_layer=-2,
-                       projector_depth=2, use_activation_checkpointing=False)
+                       projector_depth=2, use_activation_checkpointing=checkpointing)
     tokenizer = AutoTokenizer.from_pretrained(paths['tokenizer'])
     text_dir = osp.join(work_dir, 'xtuner_text')
     with open(paths['data_path']) as f:
@@ -302,10 +306,83 @@ def _xtuner_collate(instances):
     return batch
 
 
+# A preset fixes the LLM's proportions, the data size and the run length of `bench train`.
+# '7b-like': LLaVA-1.5-7B's proportions (vocabulary 32,000; the LM head 4.7 % of the LLM's
+# FLOPs, vicuna-7B's is 1.9 %) at 32 layers of width 1664 (1.1 B parameters: a GPU run, hours
+# on a CPU). 'cpu': the same head share and depth >= 8 on a CPU budget, which forces a
+# smaller vocabulary (1280): vocabulary 32,000 with a 5 % head needs layers x width >= 50,000.
+# Both: 4096 samples, XTuner with its configs' checkpointing against mllm's planned policy.
+BENCH_PRESETS = {
+    'tiny': dict(llm_config={}, llm_layers=2, num_samples=512, steps=30, checkpointing=False),
+    '7b-like': dict(llm_config=dict(vocab_size=32000, hidden_size=1664, num_attention_heads=13,
+                                    num_key_value_heads=13, intermediate_size=4480),
+                    llm_layers=32, num_samples=4096, steps=6, checkpointing=True),
+    'cpu': dict(llm_config=dict(vocab_size=1280, hidden_size=256, num_attention_heads=4,
+                                num_key_value_heads=4, intermediate_size=688),
+                llm_layers=8, num_samples=4096, steps=12, checkpointing=True),
+}
+# mllm variants of the ablation: each turns one of mllm's terms back to what XTuner does
+ABLATION = ('padded', 'full_head', 'full_last_layer', 'full_recompute')
+
+
+def head_flops_share(llm_config: dict) -> float:
+    """The LM head's share of a Llama LLM's forward FLOPs per token (attention scores left
+    out): h·V / (layers·(4h² + 3h·i) + h·V), for GQA-free configs."""
+    c = dict(TINY_LLM, **llm_config)
+    h, i = c['hidden_size'], c['intermediate_size']
+    head = h * c['vocab_size']
+    return head / (c['num_hidden_layers'] * (4 * h * h + 3 * h * i) + head)
+
+
+def seven_b_activation_room(gpus: int = 8, gpu_mem_gb: float = 80.0, stage: str = 'zero2') -> float:
+    """The memory budget the benchmark gives mllm's planner, from LLaVA-1.5-7B finetuning
+    (16 x 2048 tokens per GPU, padding-free, answer-only head) at ``gpus`` x ``gpu_mem_gb``
+    under ``stage``: the room left for activations as a share of all layers' activations.
+    With the first K of L layers checkpointed the activations are (34 (L - K) + 2 K) T h,
+    so the same share gives the same K / L at any depth."""
+    from mllm.bench.memory import plan_memory
+    from mllm.engine.config import load_config
+    report = plan_memory(load_config('llava15_vicuna7b_finetune'), gpus=gpus,
+                         gpu_mem_gb=gpu_mem_gb)
+    row = report['stages'][stage]
+    fixed = sum(row[k] for k in ('weights', 'gradients', 'optimizer', 'working_set',
+                                 'logits_gb', 'overhead_gb'))
+    return (gpu_mem_gb - fixed) / (row['memory_gb_without_checkpointing'] - fixed)
+
+
+def planned_checkpointing(llm_config: dict, batches: List[List[int]], lengths: List[int],
+                          learned: List[int], room: float) -> dict:
+    """mllm's policy for the benchmark's model: the fewest checkpointed layers whose
+    activations over the worst batch fit ``room`` x the un-checkpointed activations
+    (``mllm.bench.memory.plan_policy``, fp32)."""
+    from mllm.bench.memory import Batch, Transformer, activation_gb, plan_policy
+    c = dict(TINY_LLM, **llm_config)
+    h = c['hidden_size']
+    llm = Transformer(layers=c['num_hidden_layers'], hidden=h, heads=c['num_attention_heads'],
+                      flash=True, params_per_layer=4 * h * h + 3 * h * c['intermediate_size'])
+    worst = max(batches, key=lambda b: sum(lengths[i] for i in b))
+    batch = Batch(len(worst), sum(lengths[i] for i in worst), max(lengths[i] for i in worst),
+                  sum(learned[i] for i in worst), len(worst), 'benchmark batches')
+    none = activation_gb(llm, 0, batch, 0, precision='fp32')['activations_gb']
+    policy = plan_policy(room * none, llm, 0, batch, True, precision='fp32')
+    return dict(policy, budget_mb=room * none * 1e3,
+                activations_without_checkpointing_mb=none * 1e3,
+                worst_batch_tokens=batch.tokens, layers=llm.layers)
+
+
+def _mllm_padded_collate(instances):
+    from mllm.datasets.collate import llava_collate
+    batch = llava_collate(instances)
+    batch['sample_ids'] = sorted(x['index'] for x in instances)
+    return batch
+
+
 def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Optional[int] = None,
                 num_samples: int = 512, seed: int = 0, lr: float = 2e-5,
                 llm_layers: int = 2, sampler: str = 'grouped',
-                answer_only_last_layer: bool = True) -> dict:
+                answer_only_last_layer: bool = True, llm_config: Optional[dict] = None,
+                checkpointing: bool = False, memory_room: Optional[float] = None,
+                ablation: bool = False) -> dict:
     """Train mllm's and XTuner's path side by side; tokens/s of both and their ratio.
 
     Args:
@@ -321,39 +398,68 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
             sampler); see ``grouped_batches``. Defaults to 'grouped'.
         answer_only_last_layer: mllm's model option (``LLaVAModel``); False runs HF's
             full last decoder layer. Defaults to True.
+        llm_config: ``TINY_LLM`` fields to override (``BENCH_PRESETS``). Defaults to None.
+        checkpointing: XTuner as its configs train (activation checkpointing on) against
+            mllm with the planned policy for a memory budget of ``memory_room`` x its
+            un-checkpointed activations. Defaults to False (neither checkpoints).
+        memory_room: defaults to ``seven_b_activation_room()``, the share LLaVA-1.5-7B
+            finetuning has room for on 8 x 80 GB under ZeRO-2.
+        ablation: also time mllm with one term at a time turned back to XTuner's way
+            (``ABLATION``): each term's share of mllm's gain. Defaults to False.
 
     Returns:
         dict with ``mllm_tokens_per_s``, ``xtuner_tokens_per_s``, ``ratio`` and the
-        losses, token and padding counts behind them.
+        losses, token and padding counts behind them (plus ``ablation`` and the policy).
     """
     warmup = min(3, steps // 2) if warmup is None else warmup
     from mllm.datasets.collate import flat_llava_collate
     if steps <= warmup:
         raise ValueError(f'steps ({steps}) must exceed warmup ({warmup})')
+    llm_config = dict(llm_config or {}, num_hidden_layers=llm_layers)
     paths = write_bench_data(osp.join(work_dir, 'data'), num_samples, seed)
-    ckpt = save_tiny_checkpoints(osp.join(work_dir, 'ckpt'), llm_layers=llm_layers, seed=seed)
+    ckpt = save_tiny_checkpoints(osp.join(work_dir, 'ckpt'), llm_layers=llm_layers, seed=seed,
+                                 llm_config=llm_config)
+    cache = osp.join(work_dir, 'mllm_token_cache')
+    theirs, their_data = build_xtuner_path(paths, ckpt, TINY_VIT['image_size'], work_dir,
+                                           checkpointing=checkpointing)
+    # the batches first: the planned policy needs the worst one
+    batches = grouped_batches(their_data, batch_size, steps, seed, sampler)
     torch.manual_seed(seed)
     ours, our_data = build_mllm_path(paths, ckpt, TINY_VIT['image_size'], TINY_VIT['patch_size'],
-                                     token_cache=osp.join(work_dir, 'mllm_token_cache'),
+                                     token_cache=cache,
                                      answer_only_last_layer=answer_only_last_layer)
-    theirs, their_data = build_xtuner_path(paths, ckpt, TINY_VIT['image_size'], work_dir)
+    lengths, learned = [], []
+    for i in range(len(our_data)):
+        encoded = our_data.encode(i)
+        lengths.append(len(encoded['input_ids']))
+        learned.append(int((encoded['labels'][1:] != -100).sum()))
+    policy = None
+    if checkpointing:
+        room = seven_b_activation_room() if memory_room is None else memory_room
+        policy = planned_checkpointing(llm_config, batches, lengths, learned, room)
+        policy['memory_room'] = room
+        from mllm.models.llms import enable_gradient_checkpointing
+        if policy['checkpoint_layers']:
+            enable_gradient_checkpointing(ours.llm, policy['checkpoint_layers'])
     copy_projector(ours, theirs)
-    batches = grouped_batches(their_data, batch_size, steps, seed, sampler)
     check_same_tokens(our_data, their_data, sorted({i for b in batches for i in b}))
     runs = [_MllmPath('mllm', ours, our_data, _mllm_collate, batches, lr),
             _XtunerPath('xtuner', theirs, their_data, _xtuner_collate, batches, lr)]
+    if ablation:
+        runs += _ablation_runs(paths, ckpt, cache, ours, batches, lr, policy,
+                               answer_only_last_layer)
     for k in range(steps):
-        for run in (runs if k % 2 == 0 else runs[::-1]):  # alternate who goes first
+        order = runs[k % len(runs):] + runs[:k % len(runs)]  # rotate who goes first
+        for run in order:
             run.step()
     for k, batch in enumerate(batches):
-        if not runs[0].seen[k] == runs[1].seen[k] == sorted(batch):
+        if not all(r.seen[k] == sorted(batch) for r in runs):
             raise AssertionError(f'step {k}: the paths saw different samples')
-    lengths = [len(our_data.encode(i)['input_ids']) for i in range(len(our_data))]
     tokens = [sum(lengths[i] for i in b) for b in batches]
     packed = [flat_llava_collate([dict(input_ids=[0] * lengths[i]) for i in b])['input_ids']
               for b in batches[warmup:]]
     timed = sum(tokens[warmup:])
-    result = {f'{r.name}_tokens_per_s': timed / sum(r.seconds[warmup:]) for r in runs}
+    result = {f'{r.name}_tokens_per_s': timed / sum(r.seconds[warmup:]) for r in runs[:2]}
     result['ratio'] = result['mllm_tokens_per_s'] / result['xtuner_tokens_per_s']
     # per batch, both paths ran back to back: the median of those ratios shrugs off bursts
     # of load from other processes better than the ratio of sums
@@ -361,16 +467,81 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
         x / m for m, x in zip(runs[0].seconds[warmup:], runs[1].seconds[warmup:]))
     result.update(
         steps=steps, warmup=warmup, batch_size=batch_size, llm_layers=llm_layers,
+        vocab_size=llm_config.get('vocab_size', TINY_LLM['vocab_size']),
+        hidden_size=llm_config.get('hidden_size', TINY_LLM['hidden_size']),
+        head_flops_share=head_flops_share(llm_config), num_samples=num_samples,
         sampler=sampler, answer_only_last_layer=answer_only_last_layer,
         tokens_timed=timed,
         padded_tokens_xtuner=sum(max(lengths[i] for i in b) * len(b) for b in batches[warmup:]),
         padded_tokens_mllm=sum(rows.numel() for rows in packed),
+        learned_tokens_timed=sum(learned[i] for b in batches[warmup:] for i in b),
         mllm_losses=runs[0].losses, xtuner_losses=runs[1].losses,
         max_loss_diff=max(abs(a - b) for a, b in zip(runs[0].losses, runs[1].losses)),
-        same_samples=True, torch_threads=torch.get_num_threads())
-    for r in runs:
+        same_samples=True, torch_threads=torch.get_num_threads(),
+        xtuner_checkpointing=checkpointing, checkpoint_policy=policy)
+    for r in runs[:2]:
         result[f'{r.name}_data_share'] = sum(r.data_seconds[warmup:]) / sum(r.seconds[warmup:])
+    if ablation:
+        base = sum(runs[0].seconds[warmup:])
+        result['ablation'] = {r.name[len('mllm_'):]: dict(
+            step_time_vs_mllm=sum(r.seconds[warmup:]) / base,
+            max_loss_diff_vs_mllm=max(abs(a - b) for a, b in zip(r.losses, runs[0].losses)))
+            for r in runs[2:]}
+    result['projection_7b'] = project_terms_7b(result, policy)
     return result
+
+
+def _ablation_runs(paths, ckpt, cache, ours, batches, lr, policy, answer_only_last_layer):
+    """mllm with one term at a time back to XTuner's way; same weights, batches, seed."""
+    runs = []
+    for term in ABLATION:
+        torch.manual_seed(0)
+        model, data = build_mllm_path(
+            paths, ckpt, TINY_VIT['image_size'], TINY_VIT['patch_size'], token_cache=cache,
+            answer_only_last_layer=answer_only_last_layer and term != 'full_last_layer')
+        model.projector.load_state_dict(ours.projector.state_dict())
+        layers = model.llm.config.num_hidden_layers
+        k = layers if term == 'full_recompute' else (policy or {}).get('checkpoint_layers', 0)
+        if k:
+            from mllm.models.llms import enable_gradient_checkpointing
+            enable_gradient_checkpointing(model.llm, k)
+        if term == 'full_head':  # HF's forward: logits at every position, then the loss
+            model._decoder_and_head = lambda: None
+        collate = _mllm_padded_collate if term == 'padded' else _mllm_collate
+        runs.append(_MllmPath(f'mllm_{term}', model, data, collate, batches, lr))
+    return runs
+
+
+def project_terms_7b(result: dict, policy: Optional[dict]) -> dict:
+    """FLOP estimate of each term at LLaVA-1.5-7B shapes (vicuna-7B: 32 layers, width 4096,
+    MLP 11008, vocabulary 32,000; the frozen ViT-L/336 forward per image), with the
+    benchmark's measured padding and answer share: the step-time share each term removes,
+    and XTuner's step over mllm's.
+
+    XTuner: padded batches, logits and the last layer's MLP at every position, every layer
+    recomputed (1/3 of a step that trains the LLM). mllm: real tokens only, head and last
+    MLP at answer positions, recompute of the planned share of the layers.
+    """
+    h, i, vocab, layers = 4096, 11008, 32000, 32
+    layer = 2 * (4 * h * h + 3 * h * i)  # forward FLOPs per token
+    tokens = result['tokens_timed']
+    padded = result['padded_tokens_xtuner']
+    answers = result['learned_tokens_timed']
+    mlp = 2 * 3 * h * i
+    head = 2 * h * vocab
+    # forward FLOPs over the timed tokens
+    xtuner_fwd = padded * (layers * layer + head)
+    mllm_fwd = tokens * layers * layer - (tokens - answers) * mlp + answers * head
+    share = (policy or {}).get('checkpoint_layers', layers) / (policy or {}).get('layers', layers)
+    xtuner_step = 3 * xtuner_fwd + padded * layers * layer
+    mllm_step = 3 * mllm_fwd + share * tokens * layers * layer
+    return dict(
+        padding_free=(padded - tokens) * (4 * layers * layer + 3 * head) / xtuner_step,
+        answer_only_head=(tokens - answers) * head * 3 / xtuner_step,
+        last_layer_mlp=(tokens - answers) * mlp * 3 / xtuner_step,
+        recompute=(1 - share) * tokens * layers * layer / xtuner_step,
+        checkpointed_share=share, xtuner_step_over_mllm=xtuner_step / mllm_step,
+        note='FLOP estimate (vision forward and attention scores left out)')
 
 
 # --------------------------------------------------------------- full-size step, projection
@@ -459,6 +630,11 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
         if key in model_cfg:
             model_cfg[key] = dict(model_cfg[key], load_weights=False, pretrained=None)
     model_cfg.pop('lora', None)
+    if model_cfg.get('gradient_checkpointing') == 'auto':  # the plan for 8 x 80 GB, ZeRO-2
+        from mllm.bench.memory import plan_memory
+        row = plan_memory(cfg, gpus=gpus)['stages']['zero2']
+        model_cfg['gradient_checkpointing'] = dict(llm=row['checkpoint_layers'],
+                                                   vision=row['checkpoint_vision'])
     torch.manual_seed(0)
     model = MODELS.build(model_cfg).to(device, dtype).train()
     processor = TRANSFORMS.build(cfg.image_processor)
@@ -494,11 +670,15 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
                   batch=batch, seq_len=seq, visual_tokens=visual, step_s=step,
                   tokens_per_s=batch * seq / step, tflops=achieved / 1e12,
                   flops_per_sample=flops, mfu_vs_a100=mfu, samples=DATASET_SAMPLES[stage],
-                  gradient_checkpointing=bool(cfg.model.get('gradient_checkpointing')))
+                  gradient_checkpointing=model_cfg.get('gradient_checkpointing'))
     result['projected_hours_8xA100'] = project_hours(flops, DATASET_SAMPLES[stage], min(mfu, 1.0),
                                                      gpus=gpus)
     if cuda:
+        from mllm.bench.gpu import matmul_peak
         result['peak_memory_gb'] = torch.cuda.max_memory_allocated() / 1e9
+        # against this device's own bf16 matmul peak (an H200 reads above 100 % of an A100)
+        result['matmul_peak_tflops'] = matmul_peak(device) / 1e12
+        result['mfu'] = achieved / (result['matmul_peak_tflops'] * 1e12)
     return result
 
 
@@ -790,7 +970,7 @@ def recipe_flops(cfg, stage: str = 'finetune', text_tokens: Optional[int] = None
     from torch.utils.flop_counter import FlopCounterMode
 
     import mllm.models  # noqa: F401
-    from mllm.bench.inspect import build_on_meta
+    from mllm.models.meta import build_on_meta
     from mllm.registry import TRANSFORMS
 
     model = build_on_meta(cfg)

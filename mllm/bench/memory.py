@@ -1,4 +1,5 @@
-"""Per-GPU memory estimate of a training config under each DeepSpeed ZeRO stage.
+"""Per-GPU memory of a training config under each DeepSpeed ZeRO stage, and the recompute
+policy (how many layers to checkpoint) that fits it.
 
 Model states (ZeRO paper, Rajbhandari et al. 2020), with Ψ all parameters, Ψt the trainable
 ones and N GPUs; bf16 mixed precision keeps bf16 weights (2 B), bf16 gradients (2 B) and
@@ -16,18 +17,33 @@ ZeRO-3 gathers the weights of the block it runs (and prefetches the next): the w
 is counted as two copies of the largest of one LLM block or the embedding matrix.
 
 Activations of one transformer block (Korthikanti et al. 2022, "Reducing Activation
-Recomputation in Large Transformer Models", 16-bit, no tensor parallelism), with s the
-sequence length, b the per-GPU micro-batch, h the hidden size and a the attention heads:
+Recomputation in Large Transformer Models", 16-bit, no tensor parallelism), with T the
+tokens of one micro-batch, s the longest sample, h the hidden size and a the heads:
 
-    without flash attention (eager):   s·b·h·(34 + 5·a·s/h) bytes
-    with flash / SDPA attention:       34·s·b·h bytes (no s×s score matrix is stored)
+    flash / SDPA attention:   34·T·h bytes (no s×s score matrix is stored)
+    eager attention:          34·T·h + 5·a·s·T bytes
 
-Under gradient checkpointing each block keeps only its input (2·s·b·h bytes) and one block's
-activations are live again while it is recomputed. The LM head's logits are counted as
-s·b·V·10 bytes (bf16 logits, their fp32 copy for the loss and log-softmax's output). A
-trainable vision tower adds the same block formula over its tokens and images; a frozen
-one stores nothing for backward. A fixed ``CUDA_OVERHEAD_GB`` covers the CUDA context,
-NCCL buffers and allocator fragmentation. fp32 doubles every activation term.
+T is what the collate function makes of the micro-batch: the sum of its samples' lengths
+for padding-free batches (``flat_llava_collate``, the recipes' default), micro-batch x the
+longest for padded ones. Which micro-batch: the worst one the data can form, i.e. the
+``micro_batch`` longest samples (a length-grouped sampler puts them together), read from
+the token cache (``lengths``); without data, every sample is ``max_length`` long.
+
+A checkpointed block keeps only its input (2·T·h bytes); while one is recomputed its full
+activations are live again (one block, 34·T·h), which raises the peak only when every block
+is checkpointed: the first K are, and the backward frees the others before it gets there. The LM head's logits take 10 bytes per
+position and vocabulary entry (bf16 logits, their fp32 copy, log-softmax's output), over
+the positions with a learned label only for the answer-only head (``LLaVAModel`` with a
+Llama-family LLM), over every position otherwise. A trainable vision tower adds the block
+formula over its tokens (checkpointed whole or not at all); a frozen one stores nothing.
+A fixed ``CUDA_OVERHEAD_GB`` covers the CUDA context, NCCL buffers and fragmentation.
+fp32 doubles every activation term.
+
+The recompute policy (``gradient_checkpointing='auto'``): per stage, the fewest checkpointed
+layers whose total fits the GPU, choosing between checkpointing the trainable vision tower
+or not by the recompute FLOPs; the recompute share is the recomputed forward FLOPs over the
+step's FLOPs without recompute (forward + backward: 3x the forward when the LLM trains,
+2x when only its inputs need gradients). Full checkpointing of a training LLM costs ~1/3.
 """
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -38,6 +54,12 @@ CUDA_OVERHEAD_GB = 3.0
 STAGES = ('zero1', 'zero2', 'zero3', 'zero3_offload')
 # bytes per parameter: (weights, gradients, optimizer state) by precision
 STATE_BYTES = {'bf16': (2, 2, 12), 'fp32': (4, 4, 8)}
+LOGIT_BYTES = 10  # per position and vocabulary entry: bf16 logits + fp32 copy + log-softmax
+# collate functions whose micro-batch holds only real tokens
+FLAT_COLLATES = ('flat_llava_collate', 'packed_llava_collate')
+# the parts of one stage's per-GPU total, in the order `mllm plan` prints them
+PARTS = ('weights', 'gradients', 'optimizer', 'working_set', 'activations_gb', 'logits_gb',
+         'overhead_gb')
 
 
 @dataclass
@@ -47,26 +69,33 @@ class Transformer:
     hidden: int
     heads: int
     flash: bool
+    params_per_layer: int = 0  # for the recompute FLOPs (2 x params per token)
 
 
-def block_activation_bytes(t: Transformer, seq: int, batch: int) -> float:
-    """16-bit activations of one block (see module doc)."""
-    sbh = seq * batch * t.hidden
-    return sbh * 34 if t.flash else sbh * (34 + 5 * t.heads * seq / t.hidden)
+def block_activation_bytes(t: Transformer, tokens: int, longest: int) -> float:
+    """16-bit activations of one block over ``tokens`` tokens (see module doc)."""
+    per = 34 * tokens * t.hidden
+    return per if t.flash else per + 5 * t.heads * longest * tokens
 
 
-def tower_activation_bytes(t: Transformer, seq: int, batch: int, checkpointing: bool) -> float:
-    """All blocks of a tower: every block's activations, or the block inputs plus one
-    recomputed block under gradient checkpointing."""
-    block = block_activation_bytes(t, seq, batch)
-    if checkpointing:
-        return 2 * seq * batch * t.hidden * t.layers + block
-    return block * t.layers
+def tower_activation_bytes(t: Transformer, tokens: int, longest: int,
+                           checkpoint_layers: int) -> float:
+    """Peak of a tower whose first ``checkpoint_layers`` blocks are checkpointed: their
+    inputs plus the other blocks' activations at the end of the forward. The backward
+    frees those (the last blocks go first) before it recomputes a checkpointed block, so
+    the recompute adds to the peak only when every block is checkpointed."""
+    if not 0 <= checkpoint_layers <= t.layers:
+        raise ValueError(f'checkpoint_layers must be in [0, {t.layers}], got {checkpoint_layers}')
+    block = block_activation_bytes(t, tokens, longest)
+    kept = 2 * tokens * t.hidden * checkpoint_layers + block * (t.layers - checkpoint_layers)
+    return kept + (block if checkpoint_layers == t.layers else 0)
 
 
 def model_state_gb(stage: str, params: int, trainable: int, gpus: int,
                    working_set: int, precision: str = 'bf16') -> Dict[str, float]:
     """Weights, gradients, optimizer state and ZeRO-3 working set on one GPU (GB)."""
+    if gpus < 1:
+        raise ValueError(f'gpus must be at least 1, got {gpus}')
     w, g, o = STATE_BYTES[precision]
     n = {'none': (1, 1, 1), 'zero1': (1, 1, gpus), 'zero2': (1, gpus, gpus),
          'zero3': (gpus, gpus, gpus)}.get(stage)
@@ -80,37 +109,153 @@ def model_state_gb(stage: str, params: int, trainable: int, gpus: int,
                 working_set=2 * w * working_set / GB if stage == 'zero3' else 0.0)
 
 
-def activation_gb(llm: Transformer, vocab: int, seq: int, batch: int, checkpointing: bool,
+@dataclass
+class Batch:
+    """The worst micro-batch one GPU runs: ``tokens`` through the LLM (padding included),
+    ``longest`` sample, ``learned`` positions (answer tokens), ``images`` and where the
+    figures came from."""
+    micro_batch: int
+    tokens: int
+    longest: int
+    learned: int
+    images: int
+    source: str
+
+
+def worst_batch(micro_batch: int, max_length: int, visual_tokens: int, flat: bool,
+                lengths: Optional[dict] = None, seq_len: Optional[int] = None) -> Batch:
+    """The micro-batch of the ``micro_batch`` longest samples (see the module doc).
+
+    Args:
+        lengths: per-sample arrays ``text`` (tokens without the image sentinel), ``images``
+            (0/1) and ``learned`` (``mllm.datasets.token_cache.sample_lengths``); None: every
+            sample ``max_length`` long with an image and all its text learned.
+        seq_len: every sample exactly this long (``mllm plan --seq-len``).
+    """
+    if seq_len is not None or lengths is None:
+        s = seq_len or max_length
+        return Batch(micro_batch, micro_batch * s, s, micro_batch * max(s - visual_tokens, 1),
+                     micro_batch, f'{s} tokens per sample (assumed)')
+    import numpy as np
+    full = np.minimum(np.asarray(lengths['text']) + np.asarray(lengths['images']) * visual_tokens,
+                      max_length)
+    if len(full) < micro_batch:
+        micro_batch = len(full)
+    top = np.sort(full)[::-1][:micro_batch]
+    learned = np.sort(np.minimum(np.asarray(lengths['learned']), full))[::-1][:micro_batch]
+    longest = int(top[0])
+    tokens = int(top.sum()) if flat else micro_batch * longest
+    images = int(np.sort(np.asarray(lengths['images']))[::-1][:micro_batch].sum())
+    return Batch(micro_batch, tokens, longest, int(learned.sum()), images,
+                 f'{len(full)} samples (token cache): the {micro_batch} longest, '
+                 f'median {int(np.median(full))}, longest {longest} tokens')
+
+
+def activation_gb(llm: Transformer, vocab: int, batch: Batch, llm_checkpoint: int,
                   vision: Optional[Transformer] = None, vision_tokens: int = 0,
-                  images: int = 0, precision: str = 'bf16') -> float:
-    """Activations kept for backward on one GPU (GB); ``vision`` only when it trains."""
+                  vision_checkpoint: bool = False, answer_only_head: bool = True,
+                  precision: str = 'bf16') -> Dict[str, float]:
+    """Activations (LLM and trainable vision tower) and logits kept for backward on one GPU
+    (GB); ``vision`` only when it trains."""
     scale = 2 if precision == 'fp32' else 1
-    total = tower_activation_bytes(llm, seq, batch, checkpointing) + 10 * seq * batch * vocab
-    if vision is not None and images:
-        total += tower_activation_bytes(vision, vision_tokens, images, checkpointing)
-    return scale * total / GB
+    acts = tower_activation_bytes(llm, batch.tokens, batch.longest, llm_checkpoint)
+    if vision is not None and batch.images:
+        acts += tower_activation_bytes(vision, vision_tokens * batch.images, vision_tokens,
+                                       vision.layers if vision_checkpoint else 0)
+    positions = batch.learned if answer_only_head else batch.tokens
+    return dict(activations_gb=scale * acts / GB,
+                logits_gb=scale * LOGIT_BYTES * positions * vocab / GB)
 
 
-def _transformer(config: dict, attn_implementation: Optional[str]) -> Optional[Transformer]:
+def recompute_share(llm: Transformer, batch: Batch, llm_checkpoint: int, llm_trains: bool,
+                    vision: Optional[Transformer] = None, vision_tokens: int = 0,
+                    vision_checkpoint: bool = False, vocab: int = 0) -> float:
+    """Recomputed forward FLOPs over the step's FLOPs without recompute (module doc)."""
+    llm_layer = 2 * llm.params_per_layer * batch.tokens
+    forward = llm_layer * llm.layers + 2 * llm.hidden * vocab * batch.learned
+    recompute = llm_layer * llm_checkpoint
+    step = forward * (3 if llm_trains else 2)
+    if vision is not None and batch.images:
+        vision_forward = 2 * vision.params_per_layer * vision_tokens * batch.images * vision.layers
+        step += 3 * vision_forward
+        recompute += vision_forward if vision_checkpoint else 0
+    return recompute / step if step else 0.0
+
+
+def plan_policy(budget_gb: float, llm: Transformer, vocab: int, batch: Batch, llm_trains: bool,
+                vision: Optional[Transformer] = None, vision_tokens: int = 0,
+                answer_only_head: bool = True, precision: str = 'bf16') -> dict:
+    """The fewest checkpointed LLM layers (and whether the trainable vision tower
+    checkpoints) whose activations and logits fit ``budget_gb``, with the least recompute;
+    full checkpointing (``fits`` False) when nothing fits."""
+    options = []
+    for vision_ckpt in ((False, True) if vision is not None and batch.images else (False,)):
+        for k in range(llm.layers + 1):
+            mem = activation_gb(llm, vocab, batch, k, vision, vision_tokens, vision_ckpt,
+                                answer_only_head, precision)
+            if sum(mem.values()) <= budget_gb:
+                share = recompute_share(llm, batch, k, llm_trains, vision, vision_tokens,
+                                        vision_ckpt, vocab)
+                options.append((share, k, vision_ckpt, mem))
+                break
+    if options:
+        share, k, vision_ckpt, mem = min(options, key=lambda o: (o[0], o[1]))
+        return dict(checkpoint_layers=k, checkpoint_vision=vision_ckpt, fits=True,
+                    recompute_share=share, **mem)
+    vision_ckpt = vision is not None and bool(batch.images)
+    mem = activation_gb(llm, vocab, batch, llm.layers, vision, vision_tokens, vision_ckpt,
+                        answer_only_head, precision)
+    return dict(checkpoint_layers=llm.layers, checkpoint_vision=vision_ckpt, fits=False,
+                recompute_share=recompute_share(llm, batch, llm.layers, llm_trains, vision,
+                                                vision_tokens, vision_ckpt, vocab), **mem)
+
+
+def _transformer(config: dict, attn_implementation: Optional[str],
+                 params_per_layer: int = 0) -> Optional[Transformer]:
     keys = ('num_hidden_layers', 'hidden_size', 'num_attention_heads')
     if not all(k in config for k in keys):
         return None  # e.g. ConvNeXt towers: no block formula
     return Transformer(layers=config['num_hidden_layers'], hidden=config['hidden_size'],
                        heads=config['num_attention_heads'],
-                       flash=(attn_implementation or 'sdpa') != 'eager')
+                       flash=(attn_implementation or 'sdpa') != 'eager',
+                       params_per_layer=params_per_layer)
+
+
+def _llm_block_params(report: dict, llm: dict) -> int:
+    c = llm['config']
+    embed = c['vocab_size'] * c['hidden_size']
+    untied = 1 if c.get('tie_word_embeddings') else 2
+    return int((report['params']['llm'] - untied * embed) / c['num_hidden_layers'])
 
 
 def _llm_working_set(report: dict, llm: dict) -> int:
     """Largest gathered unit under ZeRO-3: one LLM block or the embedding matrix."""
     c = llm['config']
-    embed = c['vocab_size'] * c['hidden_size']
-    block = (report['params']['llm'] - 2 * embed) / c['num_hidden_layers']
-    return int(max(block, embed))
+    return int(max(_llm_block_params(report, llm), c['vocab_size'] * c['hidden_size']))
+
+
+def _fixed_policy(value, llm: Transformer, vision: Optional[Transformer]):
+    """(LLM layers, vision) of a config's explicit ``gradient_checkpointing``."""
+    from mllm.models.llms import checkpointing_policy
+    layers, vision_ckpt = checkpointing_policy(value)
+    layers = llm.layers if layers is None else (0 if layers is False else layers)
+    return min(layers, llm.layers), bool(vision_ckpt and vision is not None)
+
+
+def _answer_only_head(cfg) -> bool:
+    from mllm.models.llava import PLAIN_HEAD_LLMS
+    return cfg.llm['config'].get('model_type') in PLAIN_HEAD_LLMS
+
+
+def _collate_is_flat(cfg) -> bool:
+    collate = (cfg.train_dataloader.get('collate_fn') or {}).get('type', '')
+    return str(collate).split('.')[-1] in FLAT_COLLATES
 
 
 def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = 'bf16',
                 seq_len: Optional[int] = None, report: Optional[dict] = None,
-                overhead_gb: float = CUDA_OVERHEAD_GB) -> dict:
+                overhead_gb: float = CUDA_OVERHEAD_GB, lengths: Optional[dict] = None,
+                micro_batch: Optional[int] = None) -> dict:
     """The ``mllm plan`` report for a loaded config.
 
     Args:
@@ -118,45 +263,173 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
         gpus: data-parallel GPUs (ZeRO shards over all of them). Defaults to 8.
         gpu_mem_gb: memory of one GPU. Defaults to 80.
         precision: 'bf16' (DeepSpeed mixed precision) or 'fp32'. Defaults to 'bf16'.
-        seq_len: tokens per sample; defaults to the dataset's ``max_length``.
+        seq_len: every sample this many tokens; defaults to ``lengths`` or else the
+            dataset's ``max_length``.
         report: ``inspect_config``'s report (built on the meta device when None).
         overhead_gb: fixed per-GPU overhead. Defaults to ``CUDA_OVERHEAD_GB``.
+        lengths: the data's real lengths (``token_cache.sample_lengths``). Defaults to None.
+        micro_batch: samples per GPU step. Defaults to the config's ``batch_size``.
     """
+    if gpus < 1:
+        raise ValueError(f'gpus must be at least 1, got {gpus}')
+    if gpu_mem_gb <= 0:
+        raise ValueError(f'gpu memory must be positive, got {gpu_mem_gb} GB')
     if report is None:
         from mllm.bench.inspect import inspect_config
         report = inspect_config(cfg)
     loader = cfg.train_dataloader
-    seq = seq_len or loader.dataset.get('max_length', 2048)
-    batch = loader.batch_size
+    max_length = loader.dataset.get('max_length', 2048)
+    micro_batch = micro_batch or loader.batch_size
     trainable = set(cfg.model.get('trainable', ()))
-    llm = _transformer(cfg.llm['config'], cfg.llm.get('attn_implementation'))
+    llm = _transformer(cfg.llm['config'], cfg.llm.get('attn_implementation'),
+                       _llm_block_params(report, cfg.llm))
+    llm_trains = any(t == 'llm' or t.startswith('llm.') for t in trainable) or bool(
+        cfg.model.get('lora'))
     vision = None
     if 'vision_encoder' in trainable:
-        vision = _transformer(cfg.vision_encoder.get('config', {}), 'eager')
-    checkpointing = bool(cfg.model.get('gradient_checkpointing', False))
-    act = {ckpt: activation_gb(llm, cfg.llm['config']['vocab_size'], seq, batch, ckpt, vision,
-                               report['visual_tokens'] + 1, batch, precision)
-           for ckpt in (False, True)}
+        vcfg = cfg.vision_encoder.get('config', {})
+        if 'hidden_size' in vcfg and 'intermediate_size' in vcfg:
+            per_layer = 4 * vcfg['hidden_size'] ** 2 + 2 * vcfg['hidden_size'] * vcfg[
+                'intermediate_size']
+            vision = _transformer(vcfg, 'eager', per_layer)
+    vision_tokens = report['visual_tokens'] + 1  # CLS included
+    batch = worst_batch(micro_batch, max_length, report['visual_tokens'],
+                        _collate_is_flat(cfg), lengths, seq_len)
+    vocab = cfg.llm['config']['vocab_size']
+    head = _answer_only_head(cfg)
+    setting = cfg.model.get('gradient_checkpointing', False)
+    common = dict(vision=vision, vision_tokens=vision_tokens, answer_only_head=head,
+                  precision=precision)
+    full = activation_gb(llm, vocab, batch, llm.layers, vision_checkpoint=True, **common)
+    none = activation_gb(llm, vocab, batch, 0, vision_checkpoint=False, **common)
     working = _llm_working_set(report, cfg.llm)
     stages = {}
     for stage in STAGES:
         states = model_state_gb(stage, report['params']['total'], report['trainable_params'],
                                 gpus, working, precision)
         base = sum(states.values()) + overhead_gb
-        memory = base + act[checkpointing]
-        stages[stage] = dict(memory_gb=round(memory, 2), fits=memory <= gpu_mem_gb,
-                             **{k: round(v, 2) for k, v in states.items()},
-                             activations_gb=round(act[checkpointing], 2),
-                             memory_gb_with_checkpointing=round(base + act[True], 2),
-                             memory_gb_without_checkpointing=round(base + act[False], 2))
+        if setting == 'auto':
+            policy = plan_policy(gpu_mem_gb - base, llm, vocab, batch, llm_trains, **common)
+        else:
+            k, vision_ckpt = _fixed_policy(setting, llm, vision)
+            mem = activation_gb(llm, vocab, batch, k, vision_checkpoint=vision_ckpt, **common)
+            policy = dict(checkpoint_layers=k, checkpoint_vision=vision_ckpt,
+                          recompute_share=recompute_share(llm, batch, k, llm_trains, vision,
+                                                          vision_tokens, vision_ckpt, vocab),
+                          **mem)
+        row = {k: round(v, 2) for k, v in states.items()}
+        row.update(activations_gb=round(policy['activations_gb'], 2),
+                   logits_gb=round(policy['logits_gb'], 2), overhead_gb=round(overhead_gb, 2))
+        # the total is the sum of the printed parts, so the table adds up
+        memory = round(sum(row[p] for p in PARTS), 2)
+        row.update(memory_gb=memory, fits=memory <= gpu_mem_gb, micro_batch=batch.micro_batch,
+                   checkpoint_layers=policy['checkpoint_layers'],
+                   checkpoint_vision=policy['checkpoint_vision'],
+                   recompute_share=round(policy['recompute_share'], 4),
+                   memory_gb_with_checkpointing=round(base + sum(full.values()), 2),
+                   memory_gb_without_checkpointing=round(base + sum(none.values()), 2))
+        stages[stage] = row
     offload = STATE_BYTES[precision]
     cheapest = next((s for s in STAGES if stages[s]['fits']), None)
-    return dict(stages=stages, cheapest=cheapest, gpus=gpus, gpu_mem_gb=gpu_mem_gb,
-                precision=precision, seq_len=seq, batch_per_gpu=batch,
-                gradient_checkpointing=checkpointing, overhead_gb=overhead_gb,
+    return dict(stages=stages, cheapest=cheapest, recommended=recommend(stages), gpus=gpus,
+                gpu_mem_gb=gpu_mem_gb, precision=precision, seq_len=batch.longest,
+                batch_per_gpu=batch.micro_batch, tokens_per_micro_batch=batch.tokens,
+                learned_per_micro_batch=batch.learned, lengths_from=batch.source,
+                padding_free=_collate_is_flat(cfg), answer_only_head=head,
+                gradient_checkpointing=setting, llm_layers=llm.layers,
+                overhead_gb=overhead_gb,
                 params=report['params']['total'], trainable_params=report['trainable_params'],
                 visual_tokens=report['visual_tokens'],
                 offload_cpu_gb=round(sum(
                     b * n for b, n in zip(offload, (report['params']['total'],
                                                     report['trainable_params'],
                                                     report['trainable_params']))) / GB, 1))
+
+
+def recommend(stages: Dict[str, dict]) -> Optional[str]:
+    """The stage to train with: of ZeRO-1 and ZeRO-2 (the data-parallel communication
+    volume, ZeRO paper §7), the one that fits with the least recompute (ZeRO-1 on a tie);
+    else ZeRO-3 (1.5x the communication), else ZeRO-3 with CPU offload; None if none fits."""
+    for group in (('zero1', 'zero2'), ('zero3',), ('zero3_offload',)):
+        fitting = [s for s in group if stages[s]['fits']]
+        if fitting:
+            return min(fitting, key=lambda s: (stages[s]['recompute_share'], group.index(s)))
+    return None
+
+
+# ----------------------------------------------------------------- 'auto' at train time
+def run_setup(cfg) -> tuple:
+    """(ZeRO stage, precision) of a config after ``use_deepspeed``: ('none', ...) without
+    DeepSpeed; precision 'bf16' when its JSON (or, without DeepSpeed, CUDA) says so."""
+    import torch
+    strategy = cfg.get('strategy') or {}
+    if strategy.get('type') != 'DeepSpeedStrategy':
+        return 'none', 'bf16' if torch.cuda.is_available() else 'fp32'
+    ds = strategy.get('config') or {}
+    zero = ds.get('zero_optimization') or {}
+    stage = int(zero.get('stage', 0))
+    offload = zero.get('offload_optimizer') or zero.get('offload_param')
+    name = 'zero3_offload' if stage == 3 and offload else f'zero{stage}' if stage else 'none'
+    half = (ds.get('bf16') or {}).get('enabled') or (ds.get('fp16') or {}).get('enabled')
+    return name, 'bf16' if half else 'fp32'
+
+
+def data_lengths(cfg) -> Optional[dict]:
+    """The data's lengths from its token cache when the cache exists (it is built on the
+    dataset's first use, so a second run plans with real lengths); None otherwise."""
+    import os
+    dataset = cfg.train_dataloader.dataset
+    cache_dir, data_path = dataset.get('token_cache'), dataset.get('data_path')
+    if not cache_dir or not data_path or not os.path.isdir(cache_dir) \
+            or not os.path.exists(data_path):
+        return None
+    from mllm.datasets.templates import get_template
+    from mllm.datasets.token_cache import TokenCache, cache_key, sample_lengths
+    from mllm.datasets.tokenizers import build_tokenizer
+    tokenizer = build_tokenizer(dataset.tokenizer)
+    folder = os.path.join(cache_dir, cache_key(data_path, tokenizer,
+                                               get_template(dataset.template)))
+    return sample_lengths(TokenCache(folder)) if os.path.isdir(folder) else None
+
+
+def resolve_auto_checkpointing(cfg, gpus: Optional[int] = None,
+                               gpu_mem_gb: Optional[float] = None, logger=None) -> Optional[dict]:
+    """Replace ``model.gradient_checkpointing='auto'`` by the plan's policy for this run:
+    its GPUs (WORLD_SIZE), the memory of its GPU (or ``cfg.gpu_mem_gb``), its ZeRO stage,
+    micro-batch and the data's lengths. Returns the stage's plan row (None if not 'auto').
+
+    On a machine without CUDA and no ``gpu_mem_gb`` there is no device memory to plan for:
+    no layer is checkpointed, and that is logged.
+    """
+    import os
+
+    import torch
+    if cfg.model.get('gradient_checkpointing') != 'auto':
+        return None
+    gpus = gpus or int(os.environ.get('WORLD_SIZE', 1))
+    gpu_mem_gb = gpu_mem_gb or cfg.get('gpu_mem_gb')
+    log = logger or (lambda msg: print(msg))
+    if gpu_mem_gb is None and torch.cuda.is_available():
+        gpu_mem_gb = torch.cuda.get_device_properties(
+            int(os.environ.get('LOCAL_RANK', 0))).total_memory / GB
+    if gpu_mem_gb is None:
+        cfg.model.gradient_checkpointing = dict(llm=0, vision=False)
+        log("gradient_checkpointing='auto': no CUDA device and no gpu_mem_gb in the config, "
+            'so no layer is checkpointed')
+        return None
+    stage, precision = run_setup(cfg)
+    lengths = data_lengths(cfg)
+    # without ZeRO nothing is sharded: ZeRO-1's row on one GPU is exactly that
+    plan = plan_memory(cfg, gpus=1 if stage == 'none' else gpus, gpu_mem_gb=gpu_mem_gb,
+                       precision=precision, lengths=lengths,
+                       overhead_gb=CUDA_OVERHEAD_GB if torch.cuda.is_available() else 0.0)
+    row = plan['stages']['zero1' if stage == 'none' else stage]
+    cfg.model.gradient_checkpointing = dict(llm=row['checkpoint_layers'],
+                                            vision=row['checkpoint_vision'])
+    log(f"gradient_checkpointing='auto': {row['checkpoint_layers']} of {plan['llm_layers']} LLM "
+        f"layers checkpointed{', and the vision tower' if row['checkpoint_vision'] else ''} "
+        f"({stage}, {gpus} GPU(s) x {gpu_mem_gb:.0f} GB, micro-batch {row['micro_batch']}, "
+        f"{plan['lengths_from']}): {row['memory_gb']} GB planned, recompute "
+        f"{100 * row['recompute_share']:.0f}% of the step"
+        + ('' if row['fits'] else ' -- DOES NOT FIT even fully checkpointed'))
+    return row

@@ -9,6 +9,10 @@ scale   step time and peak memory against image resolution and LLM depth (tiny m
 step    one forward + backward of a full-size recipe on a GPU: tokens/s, TFLOP/s, MFU and
         projected 8xA100 hours (``tools/bench_gpu.sh``); ``--device cpu`` for tiny configs.
 project FLOPs per sample of a recipe (meta device, no GPU) and 8xA100 hours at ``--mfu``.
+gpu     LLaVA-1.5-7B shapes on one GPU: mllm (padding-free, answer-only head, planned
+        recompute) against XTuner's way (padded, full logits, full recompute), MFU against
+        the device's measured bf16 peak, peak memory against the plan (``tools/bench_gpu.sh``;
+        ``--tiny``: the same code on the tiny config on CPU).
 
 Timings on a shared CPU are noisy: compare only figures measured side by side in one run.
 """
@@ -16,7 +20,7 @@ import json
 import os
 import tempfile
 
-MODES = ('train', 'data', 'memory', 'scale', 'step', 'project')
+MODES = ('train', 'data', 'memory', 'scale', 'step', 'project', 'gpu')
 
 
 def add_arguments(parser):
@@ -31,15 +35,29 @@ def add_arguments(parser):
                         'step: timed steps (default 3); memory: iterations (default 4)')
     parser.add_argument('--batch-size', type=int, help='train: samples per batch (default 16); '
                         "step: per-device batch (default: the config's)")
-    parser.add_argument('--llm-layers', type=int, default=2, help='train: tiny LLM depth')
+    parser.add_argument('--llm-layers', type=int, help='train: tiny LLM depth (default 2)')
     parser.add_argument('--sampler', choices=['grouped', 'random'], default='grouped',
                         help="train: XTuner's finetune sampler (length-grouped, default) or "
                         'its pretrain sampler (random batches)')
     parser.add_argument('--full-last-layer', action='store_true',
                         help="train: mllm runs HF's full last decoder layer (answer_only_last_layer"
                         '=False), to see what running its MLP at learned positions only saves')
-    parser.add_argument('--samples', type=int, default=512,
+    parser.add_argument('--samples', type=int,
                         help='train: size of the generated data set (default 512)')
+    parser.add_argument('--preset', choices=['tiny', '7b-like', 'cpu'],
+                        help="train: model proportions, data size and steps of "
+                        "mllm.bench.benchmark.BENCH_PRESETS ('7b-like': vocabulary 32,000, "
+                        "32 layers, LM head < 5%% of the FLOPs, 4096 samples; 'cpu': the same "
+                        'head share at 8 layers); --steps/--samples/--llm-layers still override')
+    parser.add_argument('--checkpointing', action='store_true',
+                        help="train: XTuner with its configs' activation checkpointing against "
+                        "mllm's planned policy (on in the 7b-like and cpu presets)")
+    parser.add_argument('--memory-room', type=float,
+                        help='train: the memory budget of the planned policy, as a share of the '
+                        "un-checkpointed activations (default: LLaVA-1.5-7B's on 8x80 GB, ZeRO-2)")
+    parser.add_argument('--ablation', action='store_true',
+                        help='train: also time mllm with each term (padding-free, answer-only '
+                        'head, last layer, recompute policy) turned back to XTuner\'s way')
     parser.add_argument('--config', help='step/project: the recipe (e.g. '
                         'convllava_vicuna7b_768_stage3)')
     parser.add_argument('--stage', choices=['pretrain', 'finetune'], default='finetune',
@@ -50,6 +68,8 @@ def add_arguments(parser):
                         help='project: assumed model FLOPs utilisation (default 0.4)')
     parser.add_argument('--stages', nargs='+', default=['zero1', 'zero2', 'zero3'],
                         help='memory: ZeRO stages to run')
+    parser.add_argument('--tiny', action='store_true',
+                        help='gpu: the tiny config on CPU in seconds (the kit\'s own check)')
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -74,15 +94,28 @@ def run(args) -> int:
         work_dir = args.work_dir or tmp
         os.makedirs(work_dir, exist_ok=True)
         if args.mode == 'train':
-            result = benchmark.bench_train(work_dir, steps=args.steps or 30,
-                                           batch_size=args.batch_size or 16,
-                                           llm_layers=args.llm_layers,
-                                           num_samples=args.samples, sampler=args.sampler,
-                                           answer_only_last_layer=not args.full_last_layer)
+            preset = dict(benchmark.BENCH_PRESETS[args.preset or 'tiny'])
+            explicit = dict(steps=args.steps, llm_layers=args.llm_layers,
+                            num_samples=args.samples)
+            for key, value in explicit.items():  # flags given on the command line win
+                if value is not None:
+                    preset[key] = value
+            checkpointing = preset.pop('checkpointing') or args.checkpointing
+            result = benchmark.bench_train(work_dir, batch_size=args.batch_size or 16,
+                                           sampler=args.sampler,
+                                           answer_only_last_layer=not args.full_last_layer,
+                                           checkpointing=checkpointing,
+                                           memory_room=args.memory_room,
+                                           ablation=args.ablation, **preset)
         elif args.mode == 'data':
             result = benchmark.bench_data(work_dir)
         elif args.mode == 'scale':
             result = benchmark.bench_scale(work_dir)
+        elif args.mode == 'gpu':
+            from mllm.bench.gpu import bench_gpu
+            result = bench_gpu(config=args.config or 'llava15_vicuna7b_finetune',
+                               device=args.device, steps=args.steps or 3,
+                               llm_layers=args.llm_layers, tiny=args.tiny)
         elif args.mode == 'memory':
             result = benchmark.bench_memory(work_dir, stages=args.stages,
                                             iters=args.steps or 4)

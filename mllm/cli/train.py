@@ -51,6 +51,7 @@ def run(args) -> int:
     if (nproc > 1 or nnodes > 1) and args.launcher == 'none':
         return launch_torchrun(nproc)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')  # nothing downloads at run time
+    from mllm.bench.memory import resolve_auto_checkpointing
     from mllm.engine.checkpoint import trust_checkpoint
     from mllm.engine.config import load_config, find_config
     from mllm.engine.runner import build_runner
@@ -65,6 +66,7 @@ def run(args) -> int:
     deepspeed = args.deepspeed or cfg.get('deepspeed')
     deepspeed = None if deepspeed == 'none' else deepspeed
     runner = build_runner(cfg, work_dir=work_dir, launcher=args.launcher, resume=args.resume,
-                          load_from=args.load_from, seed=args.seed, deepspeed=deepspeed)
+                          load_from=args.load_from, seed=args.seed, deepspeed=deepspeed,
+                          plan_checkpointing=resolve_auto_checkpointing)
     runner.train()
     return 0

@@ -19,7 +19,9 @@ import json
 import os
 import os.path as osp
 import shutil
+import sys
 import tempfile
+import time
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
@@ -86,16 +88,63 @@ class TokenCache:
         return truncate_to_max_length(ids, labels, max_length)  # encode_conversation's rule
 
 
+class Progress:
+    """A one-line progress bar on stderr (``done/total``, percent, rate, time left),
+    redrawn at most every ``interval`` seconds, so a 665K-sample build stays readable in
+    a log file too."""
+
+    def __init__(self, total: int, title: str, interval: float = 2.0, stream=None):
+        self.total, self.title, self.interval = total, title, interval
+        self.stream = sys.stderr if stream is None else stream
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if done < self.total and now - self.last < self.interval:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate else float('inf')
+        width = 30
+        bar = '#' * (width * done // max(self.total, 1))
+        self.stream.write(f'\r{self.title} [{bar:<{width}}] {done}/{self.total} '
+                          f'({100 * done / max(self.total, 1):.0f}%, {rate:.0f}/s, '
+                          f'{left:.0f} s left)' + ('\n' if done >= self.total else ''))
+        self.stream.flush()
+
+
+def sample_lengths(cache: TokenCache) -> dict:
+    """Per sample (numpy int64 arrays): ``text`` tokens (the image sentinel excluded),
+    ``images`` (sentinels, 0 or 1) and ``learned`` tokens (labels that are not
+    ``IGNORE_INDEX``), without decoding any sample: what ``mllm plan`` reads as the data's
+    real length distribution (a sample's length = text + images x visual tokens)."""
+    def per_sample(mask):
+        total = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        return total[cache.offsets[1:]] - total[cache.offsets[:-1]]
+
+    images = per_sample(np.asarray(cache.ids) == IMAGE_TOKEN_INDEX)
+    return dict(text=np.diff(cache.offsets) - images, images=images,
+                learned=per_sample(np.asarray(cache.learned)))
+
+
 def build_cache(folder: str, num_samples: int,
-                encode: Callable[[int], Tuple[List[int], List[int]]]) -> None:
+                encode: Callable[[int], Tuple[List[int], List[int]]],
+                progress: Optional[bool] = None) -> None:
     """Write a cache of ``encode(i)`` -> (ids, labels) for every sample into ``folder``.
 
     Written to a temporary folder beside it and renamed, so readers never see a partial
-    cache; when another process got there first, its cache is kept."""
+    cache; when another process got there first, its cache is kept. ``progress`` draws a
+    progress bar on stderr; None: only in the launch's rank 0 (every rank of a first
+    distributed run builds the same cache)."""
     parent = osp.dirname(osp.abspath(folder))
     os.makedirs(parent, exist_ok=True)
+    if progress is None:
+        progress = int(os.environ.get('RANK', 0)) == 0
+    bar = Progress(num_samples, f'token cache {osp.basename(folder)}') if progress else None
     ids, learned, offsets, errors = [], [], [0], {}
     for i in range(num_samples):
+        if bar is not None:
+            bar.update(i)
         try:
             sample_ids, labels = encode(i)
         except ValueError as err:
@@ -103,6 +152,8 @@ def build_cache(folder: str, num_samples: int,
         ids.append(np.asarray(sample_ids, dtype=np.int32))
         learned.append(np.asarray(labels) != IGNORE_INDEX)
         offsets.append(offsets[-1] + len(sample_ids))
+    if bar is not None:
+        bar.update(num_samples)
     tmp = tempfile.mkdtemp(prefix='.building-', dir=parent)
     try:
         np.save(osp.join(tmp, 'ids.npy'), np.concatenate(ids) if ids else np.zeros(0, np.int32))

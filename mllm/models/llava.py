@@ -11,7 +11,8 @@ import torch.distributed as dist
 from mmengine.model import BaseModel
 
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from mllm.models.llms import decode_learned_rows
+from mllm.models.llms import (checkpointing_policy, decode_learned_rows,
+                              enable_gradient_checkpointing)
 from mllm.models.lora import apply_lora
 from mllm.models.varlen_attention import segment_starts, supports_varlen
 from mllm.registry import MODELS
@@ -40,6 +41,25 @@ def set_trainable(model: torch.nn.Module, trainable: Sequence[str]) -> None:
             param.requires_grad = False
 
 
+def weight_origin(model: torch.nn.Module, key: str) -> Optional[str]:
+    """Where the built model's tensor ``key`` got its value: 'pretrained' (a part read from
+    its ``pretrained`` files), 'config' (a part the config builds at random on purpose, from
+    ``config=``: the tiny test recipes), or None (layers that always start random:
+    projectors, fusion, ConvLLaVA's new 5th stage, LoRA adapters). Strict loading
+    (``--load-from``, ``convert hf-to-pth``) needs None-tensors from the checkpoint."""
+    name, _, rest = key.partition('.')
+    part = getattr(model, name, None)
+    if part is None or 'lora_' in key:
+        return None
+    origin = getattr(part, 'weight_origin', None)
+    if callable(origin):
+        return origin(rest)
+    config = getattr(part, 'config', None)
+    if config is not None and hasattr(config, 'model_type'):  # an HF model (the LLM)
+        return 'pretrained' if getattr(config, '_name_or_path', '') else 'config'
+    return None
+
+
 @MODELS.register_module()
 class LLaVAModel(BaseModel):
     """Vision encoder + projector + causal LLM.
@@ -52,7 +72,11 @@ class LLaVAModel(BaseModel):
         trainable: parameter-name prefixes that train, e.g. ``('projector',)`` for
             pretraining or ``('projector', 'llm')`` for finetuning. Everything else is frozen.
         lora: peft LoRA options for the LLM (see ``mllm.models.lora``). Defaults to None.
-        gradient_checkpointing: recompute activations of the LLM and the vision encoder.
+        gradient_checkpointing: recompute activations in the backward pass: True (every
+            LLM layer and the vision encoder), False, a number K (the first K LLM layers),
+            ``dict(llm=K or bool, vision=bool)``, or 'auto', which ``mllm train`` resolves
+            to the fewest layers its memory plan needs (``mllm.bench.memory``); an
+            unresolved 'auto' refuses to train.
         answer_only_last_layer: in the loss, run the LLM's last MLP only where a label is
             learned (exact: nothing reads the other positions). Defaults to True; False is
             HF's full last layer, for comparison.
@@ -64,7 +88,7 @@ class LLaVAModel(BaseModel):
                  projector: dict = dict(type='MLPProjector', depth=2),
                  trainable: Sequence[str] = ('projector',),
                  lora: Optional[dict] = None,
-                 gradient_checkpointing: bool = False,
+                 gradient_checkpointing: Union[bool, int, str, dict] = False,
                  answer_only_last_layer: bool = True,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
@@ -76,11 +100,11 @@ class LLaVAModel(BaseModel):
             in_channels=self.vision_encoder.out_channels,
             out_channels=self.llm.config.hidden_size))
         set_trainable(self, trainable)
-        if gradient_checkpointing:
-            # Non-reentrant checkpointing needs no input that requires grad, so frozen
-            # embeddings (pretraining, LoRA) need no enable_input_require_grads hack.
-            self.llm.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={'use_reentrant': False})
+        self.gradient_checkpointing = gradient_checkpointing
+        llm_layers, vision = checkpointing_policy(gradient_checkpointing)
+        if llm_layers is not False:  # None: every layer
+            enable_gradient_checkpointing(self.llm, llm_layers)
+        if vision:
             self.vision_encoder.set_grad_checkpointing(True)
 
     def encode_images(self, pixel_values: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -177,6 +201,11 @@ class LLaVAModel(BaseModel):
         if mode not in ('loss', 'tensor'):
             raise ValueError(f"mode must be 'loss' or 'tensor' (use generate() to predict), "
                              f'got {mode!r}')
+        if self.gradient_checkpointing == 'auto' and self.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                "gradient_checkpointing='auto' is resolved from the memory plan by `mllm train` "
+                '(mllm.bench.memory.resolve_auto_checkpointing); a model built another way needs '
+                'True, False, a layer count or dict(llm=K, vision=bool)')
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, boxes=boxes)
         if position_ids is not None and attention_mask is None:
             attention_mask = self._packed_attention_mask(position_ids, inputs_embeds.dtype)

@@ -187,3 +187,64 @@ def _last_layer_at_rows_v5(layer, norm, hidden, mask, position_ids, position_emb
     hidden = (hidden + getattr(layer, 'resid_attn_dropout', _NO_DROPOUT)(attended))[rows]
     mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
     return norm(hidden + getattr(layer, 'resid_mlp_dropout', _NO_DROPOUT)(mlp_out))
+
+
+def enable_gradient_checkpointing(llm: torch.nn.Module, layers: Optional[int] = None) -> int:
+    """Recompute the activations of the first ``layers`` decoder layers in the backward pass
+    (all of them when None); returns how many layers checkpoint.
+
+    transformers 5 makes every decoder layer a ``GradientCheckpointingLayer`` that checks
+    its own ``gradient_checkpointing`` flag (5.25's ``every_n_layers`` sets it on every
+    n-th), so checkpointing the first K layers is HF's own enable call with the flag
+    cleared on the rest: any K, not only len / n. Which layers does
+    not change the memory (each stores its input or its activations alike); the first
+    ones, so the last layer (answer-only, ``decode_learned_rows``) keeps its activations.
+    Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings
+    (pretraining, LoRA) need no ``enable_input_require_grads``.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers 4.x before 4.52: one flag on the decoder
+        GradientCheckpointingLayer = None
+    kwargs = {'use_reentrant': False}
+    if hasattr(llm, 'activation_checkpointing_enable'):  # 5.25 deprecates the other name
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if GradientCheckpointingLayer is None:
+        if layers is not None:
+            raise ValueError(f'checkpointing {layers} of the LLM layers needs transformers>=4.52 '
+                             f'(this is {transformers.__version__}); use True or False')
+        return llm.config.num_hidden_layers
+    blocks = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if layers is None:
+        return len(blocks)
+    if not 0 <= layers <= len(blocks):
+        raise ValueError(f'gradient checkpointing of {layers} LLM layers: the LLM has '
+                         f'{len(blocks)} decoder layers')
+    for k, block in enumerate(blocks):
+        block.gradient_checkpointing = k < layers
+    return layers
+
+
+def checkpointing_policy(value) -> tuple:
+    """``LLaVAModel(gradient_checkpointing=...)`` as (LLM layers, vision tower): LLM layers
+    False (none), None (all) or a count; 'auto' (not resolved yet) checkpoints nothing."""
+    if value == 'auto' or value is False or value is None:
+        return False, False
+    if value is True:
+        return None, True
+    if isinstance(value, int):
+        return (value if value > 0 else False), False
+    if isinstance(value, dict) and set(value) <= {'llm', 'vision'}:
+        llm = value.get('llm', False)
+        if llm is True:
+            llm = None
+        elif llm is False or llm == 0:
+            llm = False
+        elif not isinstance(llm, int) or llm < 0:
+            raise ValueError(f'gradient_checkpointing.llm must be a bool or a layer count, '
+                             f'got {llm!r}')
+        return llm, bool(value.get('vision', False))
+    raise ValueError("gradient_checkpointing must be True, False, 'auto', a number of LLM layers "
+                     f'or dict(llm=..., vision=...), got {value!r}')

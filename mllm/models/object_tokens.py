@@ -9,7 +9,6 @@ from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 
 def multi_level_map(stage_maps: Sequence[torch.Tensor], grid_stage: int = 0) -> torch.Tensor:
@@ -45,6 +44,9 @@ def pool_box_features(stage_maps: Sequence[torch.Tensor], boxes: Sequence[torch.
     with_boxes = [i for i, n in enumerate(counts) if n]  # skip the big map for box-less images
     features = multi_level_map([m[with_boxes] for m in stage_maps], grid_stage).float()
     rois = [boxes[i].to(device=device, dtype=torch.float32).reshape(-1, 4) for i in with_boxes]
+    # imported here: only MG-LLaVA needs torchvision (the GPU kit's image may lack it)
+    from torchvision.ops import roi_align
+
     # aligned=False as MG-LLaVA trained its bbox projector with torchvision's default
     pooled = roi_align(features, rois, output_size=pool_size, spatial_scale=1.0 / stride,
                        sampling_ratio=-1, aligned=False).mean(dim=(2, 3))  # (sum n_i, C)

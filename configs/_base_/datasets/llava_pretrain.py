@@ -8,8 +8,13 @@ train_dataloader = dict(
                  data_path='data/llava_pretrain/blip_laion_cc_sbu_558k.json',
                  image_folder='data/llava_pretrain/images',
                  template='plain',
-                 max_length=2048),
+                 max_length=2048,
+                 # tokenised once on first use (progress bar), then read back memory-mapped
+                 token_cache='data/token_cache'),
     sampler=dict(type='DefaultSampler', shuffle=True),
-    # scoped name: mmengine looks collate functions up in its root registry only
-    collate_fn=dict(type='mllm.llava_collate'),
+    # padding-free batches: the micro-batch's samples in one row, attention per sample
+    # (docs/performance.md). Padded batches instead: --cfg-options
+    # train_dataloader.collate_fn.type=mllm.llava_collate train_dataloader.dataset.token_cache=None
+    # (scoped names: mmengine looks collate functions up in its root registry only)
+    collate_fn=dict(type='mllm.flat_llava_collate'),
 )

@@ -8,4 +8,4 @@ _base_ = [
 ]
 
 model = dict(type='LLaVAModel', projector=dict(type='MLPProjector', depth=2),
-             trainable=['projector', 'llm'], gradient_checkpointing=True)
+             trainable=['projector', 'llm'], gradient_checkpointing='auto')

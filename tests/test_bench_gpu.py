@@ -1,0 +1,114 @@
+"""The 7B-proportioned `bench train` presets, its ablation and FLOP projection, and the GPU
+kit (`mllm bench gpu`, tools/bench_gpu.sh, tools/gpu_wheels.sh) on their CPU path."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from mllm.bench.benchmark import (BENCH_PRESETS, head_flops_share, project_terms_7b,
+                                  seven_b_activation_room)
+
+
+def test_presets_keep_7b_proportions():
+    """'7b-like': vocabulary 32,000, >= 8 layers, the LM head <= 5 % of the LLM's FLOPs,
+    >= 4096 samples, XTuner's checkpointing against the plan; 'cpu' keeps the head share
+    and depth at a CPU budget (which a 32,000 vocabulary cannot)."""
+    big = BENCH_PRESETS['7b-like']
+    config = dict(big['llm_config'], num_hidden_layers=big['llm_layers'])
+    assert config['vocab_size'] == 32000 and big['llm_layers'] >= 8
+    assert head_flops_share(config) <= 0.05 and big['num_samples'] >= 4096
+    assert big['checkpointing']
+    cpu = BENCH_PRESETS['cpu']
+    assert head_flops_share(dict(cpu['llm_config'], num_hidden_layers=cpu['llm_layers'])) <= 0.05
+    assert cpu['llm_layers'] >= 8 and cpu['num_samples'] >= 4096
+    # vicuna-7B itself: 2.0 %
+    assert head_flops_share(dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                 num_hidden_layers=32)) == pytest.approx(0.0195, abs=0.001)
+
+
+def test_memory_room_is_the_7b_plans():
+    """The planner's budget in the benchmark: LLaVA-1.5-7B's room for activations at 8 x 80
+    GB under ZeRO-2 (24 of 32 layers checkpointed), as a share of all its activations."""
+    room = seven_b_activation_room()
+    assert 0.25 < room < 0.35
+    # (34 (L - K) + 2 K) / 34 L <= room at K = 24, not at K = 23
+    assert (34 * 8 + 2 * 24) / (34 * 32) <= room < (34 * 9 + 2 * 23) / (34 * 32)
+
+
+def test_projection_terms_add_up():
+    """Each term's share of XTuner's step, from the measured padding and answers."""
+    result = dict(tokens_timed=1000, padded_tokens_xtuner=1100, learned_tokens_timed=200)
+    terms = project_terms_7b(result, dict(checkpoint_layers=24, layers=32))
+    parts = sum(terms[k] for k in ('padding_free', 'answer_only_head', 'last_layer_mlp',
+                                   'recompute'))
+    assert 0 < terms['recompute'] < 0.25 * 1 / 3 * 1.01
+    # XTuner's step over mllm's is 1 / (1 - the removed share)
+    assert terms['xtuner_step_over_mllm'] == pytest.approx(1 / (1 - parts), rel=1e-9)
+
+
+@pytest.mark.slow  # ~60 s on a shared CPU
+def test_bench_train_checkpointing_and_ablation(tmp_path, capsys):
+    from mllm.cli import main
+    assert main(['bench', 'train', '--json', '--steps', '3', '--batch-size', '4', '--samples',
+                 '24', '--llm-layers', '4', '--checkpointing', '--ablation',
+                 '--work-dir', str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['xtuner_checkpointing'] and result['max_loss_diff'] < 1e-4
+    assert set(result['ablation']) == {'padded', 'full_head', 'full_last_layer', 'full_recompute'}
+    assert all(v['max_loss_diff_vs_mllm'] < 1e-4 for v in result['ablation'].values())
+    assert 0 <= result['checkpoint_policy']['checkpoint_layers'] <= 4
+
+
+def test_bench_gpu_cpu_path():
+    """The kit's code on the tiny config on CPU: every variant ran on the same batches with
+    the same losses, MFU against the measured peak, the plan's layers recorded."""
+    from mllm.bench.gpu import bench_gpu
+    result = bench_gpu(tiny=True, steps=1)
+    variants = result['variants']
+    assert set(variants) >= {'xtuner_way', 'mllm', 'mllm_full_recompute', 'mllm_no_recompute'}
+    assert all('error' not in v for v in variants.values()), variants
+    losses = [v['losses'][0] for v in variants.values()]
+    assert max(losses) - min(losses) < 1e-4  # padded or flat, any recompute: the same loss
+    assert variants['mllm']['checkpoint_layers'] == result['plan']['checkpoint_layers'] == 1
+    assert variants['xtuner_way']['checkpoint_layers'] == 2
+    assert result['matmul_peak_tflops'] > 0
+    mllm = variants['mllm']
+    assert mllm['mfu'] == pytest.approx(mllm['model_tflops'] / result['matmul_peak_tflops'])
+    assert result['mllm_step_over_xtuner'] == pytest.approx(
+        mllm['step_s'] / variants['xtuner_way']['step_s'])
+
+
+def test_gpu_wheels_fit_the_carry_limit(tmp_path):
+    """The wheels the kit installs there: pure-Python, py3.12-compatible, a few MiB."""
+    wheels = 'work_dirs/gpu_wheels'
+    if not os.path.isdir(wheels):
+        pytest.skip('run tools/gpu_wheels.sh first (needs the package index)')
+    files = os.listdir(wheels)
+    assert any(f.startswith('mmengine-') for f in files)
+    assert all(f.endswith('-py3-none-any.whl') for f in files), files
+    assert sum(os.path.getsize(os.path.join(wheels, f)) for f in files) < 60 * 2 ** 20
+
+
+@pytest.mark.slow  # ~2 min on a shared CPU
+def test_bench_gpu_sh_tiny_runs_unattended(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=os.path.join('.venv', 'bin', 'python'))
+    out = subprocess.run(['tools/bench_gpu.sh', '--tiny'], env=env, capture_output=True,
+                         text=True, timeout=400)
+    assert out.returncode == 0, out.stderr
+    log = (tmp_path / 'bench_gpu.log').read_text()
+    assert 'gpu: ok' in log and 'step_tiny: ok' in log and 'mllm step / XTuner' in log
+    step = json.loads((tmp_path / 'step_tiny.json').read_text().strip().splitlines()[-1])
+    assert step['device'] == 'cpu' and step['seq_len'] == 85
+    assert step['projected_hours_8xA100'] > 0
+
+
+def test_bench_step_resolves_auto_for_8x80_zero2():
+    """The recipes' 'auto' reaches `bench step` (the kit's per-recipe part) as the plan's
+    layers, not as an error."""
+    from mllm.bench.benchmark import bench_step
+    from mllm.engine.config import load_config
+    cfg = load_config('configs/tiny/tiny_llava_synthetic.py',
+                      {'model.gradient_checkpointing': 'auto'})
+    result = bench_step(cfg, device='cpu', steps=1, batch=2, text_tokens=20)
+    assert result['gradient_checkpointing'] == dict(llm=0, vision=False)  # tiny: fits as is
