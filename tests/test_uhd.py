@@ -266,6 +266,8 @@ def test_dataset_expands_the_placeholder_into_the_slice_layout(tmp_path, tiny_to
     assert ids[start:start + 14] == image + [comma] + image + [dot] + image
     assert ids.count(IMAGE_TOKEN_INDEX) == 12
     assert dataset.samples[0]['conversations'][0]['value'].startswith('<image>\n')  # untouched
+    # LLaVA's length-grouped sampler reads this; UHD's processor counts a list of views
+    assert dataset.modality_length == [7 + 4]  # 7 words + the 1x1 image's one 4-token view
 
 
 def test_eval_prompt_is_the_training_prefix_for_slices(tmp_path, tiny_tokenizer):

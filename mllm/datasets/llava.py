@@ -314,7 +314,9 @@ class LLaVADataset(Dataset):
             words = sum(len(str(t.get('value', '')).split()) for t in s['conversations']
                         if isinstance(t, dict))
             if s.get('image'):
-                lengths.append(words + self.image_processor.num_visual_tokens((1, 1)))
+                # an int (one view) or a list of positions per view (UHD's slice layouts)
+                tokens = self.image_processor.num_visual_tokens((1, 1))
+                lengths.append(words + (sum(tokens) if isinstance(tokens, list) else tokens))
             else:
                 lengths.append(-max(words, 1))
         return lengths
