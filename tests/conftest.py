@@ -33,6 +33,14 @@ def tiny_tokenizer():
     return build_tokenizer([TINY_WORDS])
 
 
+@pytest.fixture(scope='module')
+def tokenizer_dir(tmp_path_factory, tiny_tokenizer):
+    """``tiny_tokenizer`` saved as a folder, for configs whose tokenizer reads ``pretrained``."""
+    path = str(tmp_path_factory.mktemp('tokenizer'))
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_model_cfg():
     """A fresh ``LLaVAModel`` config dict (with ``type``) for ``MODELS.build``; mutate freely."""

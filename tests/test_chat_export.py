@@ -19,13 +19,6 @@ LORA = dict(r=4, alpha=8, dropout=0.0)
 
 
 @pytest.fixture(scope='module')
-def tokenizer_dir(tmp_path_factory, tiny_tokenizer):
-    path = str(tmp_path_factory.mktemp('tokenizer'))
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope='module')
 def image_path(tmp_path_factory):
     rng = np.random.default_rng(0)
     path = str(tmp_path_factory.mktemp('images') / 'noise.png')

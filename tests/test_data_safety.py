@@ -157,12 +157,6 @@ def test_decompression_bomb_in_chat_names_the_file(tmp_path):
 
 # ---------------------------------------------------------------- check-data: structure
 
-@pytest.fixture(scope='module')
-def tokenizer_dir(tmp_path_factory, tiny_tokenizer):
-    path = str(tmp_path_factory.mktemp('tokenizer'))
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
 
 def check_data(path, files, tokenizer_dir, *extra):
     return main(['check-data', TINY, '--data', str(path), '--image-folder', files['image_folder'],

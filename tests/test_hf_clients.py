@@ -36,13 +36,6 @@ def run_client(script, job, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def tokenizer_dir(tmp_path_factory, tiny_tokenizer):
-    path = str(tmp_path_factory.mktemp('tokenizer'))
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope='module')
 def images(tmp_path_factory):
     """Square at the model's size, wide and tall (padded, not resized), larger (resized)."""
     root = tmp_path_factory.mktemp('images')

@@ -258,14 +258,15 @@ def reference_logprob(lm, doc, continuation_ids):
 
 
 def test_loglikelihood_is_the_mean_token_loss_and_flags_greedy(lmms_eval, lm, docs):
-    from mllm.inference.inference import prompt_inputs, stop_token_ids
+    from mllm.datasets.templates import stop_token_id
+    from mllm.inference.inference import prompt_inputs
 
     doc = docs[0]
     batch = prompt_inputs([{'from': 'human', 'value': f'<image>\n{QUESTION}'}], lm.tokenizer,
                           lm.template, lm.image_processor, doc['image'])
     greedy = lm.model.generate(batch['input_ids'], attention_mask=batch['attention_mask'],
                                pixel_values=batch['pixel_values'], max_new_tokens=4,
-                               eos_token_id=stop_token_ids(lm.tokenizer, lm.template),
+                               eos_token_id=stop_token_id(lm.tokenizer, lm.template),
                                pad_token_id=lm.tokenizer.pad_token_id)[0]
     assert len(greedy) == 4  # no end token within 4 tokens (the tiny head never emits it)
     text = lm.tokenizer.decode(greedy, skip_special_tokens=True).strip()

@@ -34,9 +34,9 @@ except ImportError as err:  # optional dependency
 
 from mllm.datasets.collate import llava_collate
 from mllm.datasets.llava import expand_image_placeholder
-from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN, encode_conversation
+from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN, encode_conversation, stop_token_id
 from mllm.inference.export import load_pretrained
-from mllm.inference.inference import prompt_inputs, stop_token_ids
+from mllm.inference.inference import prompt_inputs
 from mllm.engine.patches import lmms_eval_keep_loglikelihood_pairs
 
 MODEL_NAME = 'mllm'
@@ -212,7 +212,7 @@ class MLLMLmms(lmms):
             batch['input_ids'], attention_mask=batch['attention_mask'],
             pixel_values=batch['pixel_values'], boxes=None,
             max_new_tokens=int(gen_kwargs.get('max_new_tokens') or self.max_new_tokens),
-            eos_token_id=stop_token_ids(tokenizer, self.template),
+            eos_token_id=stop_token_id(tokenizer, self.template),
             pad_token_id=tokenizer.pad_token_id, **sampling)
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [truncate_at(text, _until(gen_kwargs)).strip() for text in texts]

@@ -119,11 +119,6 @@ def prompt_inputs(conversations: List[dict], tokenizer, template, image_processo
                          pad_token_id=tokenizer.pad_token_id, padding_side='left')
 
 
-def stop_token_ids(tokenizer, template) -> int:
-    """The id that ends an answer: the template's end-of-turn token, or eos."""
-    return stop_token_id(tokenizer, template)
-
-
 class StreamWriter(TextStreamer):
     """transformers' TextStreamer writing to any text stream (stdout by default)."""
 
@@ -148,6 +143,6 @@ def generate_reply(model, tokenizer, template, batch: dict, max_new_tokens: int 
     new_tokens = model.generate(batch['input_ids'], attention_mask=batch['attention_mask'],
                                 pixel_values=batch['pixel_values'], boxes=batch.get('boxes'),
                                 max_new_tokens=max_new_tokens,
-                                eos_token_id=stop_token_ids(tokenizer, template),
+                                eos_token_id=stop_token_id(tokenizer, template),
                                 pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(new_tokens[0], skip_special_tokens=True).strip()
