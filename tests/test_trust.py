@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from mllm.cli import main
-from test_chat_export import image_path, save_checkpoint, tiny_cfg, tokenizer_dir  # noqa: F401
+from test_chat_export import image_path, save_checkpoint, tiny_cfg  # noqa: F401
 from test_lmms_eval import lmms_eval  # noqa: F401
 from test_reliability import REPO, nan_config, synthetic, train  # noqa: F401
 
