@@ -3,6 +3,7 @@ kit (`mllm bench gpu`, tools/bench_gpu.sh, tools/gpu_wheels.sh) on their CPU pat
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -112,3 +113,38 @@ def test_bench_step_resolves_auto_for_8x80_zero2():
                       {'model.gradient_checkpointing': 'auto'})
     result = bench_step(cfg, device='cpu', steps=1, batch=2, text_tokens=20)
     assert result['gradient_checkpointing'] == dict(llm=0, vision=False)  # tiny: fits as is
+
+
+def test_train_plain_trains_and_scores_without_the_runner(tmp_path):
+    """tools/train_plain.py (for the GPU machine, which has no XTuner or DeepSpeed): the
+    config's optimizer with its lr multipliers and schedule, the loss falls, the deadline
+    stops it early, and the result is the demo's scoring of what was trained."""
+    from mllm.datasets.synthetic import generate_synthetic_vqa
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = tmp_path / 'data'
+    generate_synthetic_vqa(str(data), num_train=256, num_val=20)
+    config = tmp_path / 'lr3.py'
+    config.write_text(f"_base_ = ['{repo}/configs/tiny/tiny_llava_synthetic.py']\n"
+                      "optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'projector': "
+                      "dict(lr_mult=3.0)}))\n")
+    out = tmp_path / 'result.json'
+    result = subprocess.run(
+        [sys.executable, os.path.join(repo, 'tools', 'train_plain.py'), str(config), '--data-dir',
+         str(data), '--out', str(out), '--device', 'cpu', '--num-workers', '0',
+         '--log-interval', '5', '--cfg-options', 'train_cfg.max_iters=30'],
+        cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r['steps'] == 30 and r['max_iters'] == 30
+    assert r['lr_mults'] == {'projector': 3.0}
+    assert r['losses'][-1] < 0.85 * r['losses'][0]  # last 5 steps' mean vs the first 5's (warm-up)
+    assert set(r['per_category']) == {'colour', 'shape', 'position', 'count', 'fine_detail'}
+    assert 0 <= r['accuracy'] <= 1 and not os.path.exists(tmp_path / 'result.pth')
+    # the deadline stops training early and still scores
+    result = subprocess.run(
+        [sys.executable, os.path.join(repo, 'tools', 'train_plain.py'), str(config), '--data-dir',
+         str(data), '--out', str(out), '--device', 'cpu', '--num-workers', '0',
+         '--deadline', '0'], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r['steps'] == 1 and r['max_iters'] == 600 and 'accuracy' in r

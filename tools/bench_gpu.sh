@@ -13,6 +13,7 @@
 #   tools/gpu_wheels.sh                      # here, once: work_dirs/gpu_wheels (~2 MiB)
 #   OUT=/some/dir tools/bench_gpu.sh         # there (carry work_dirs/gpu_wheels)
 #   tools/bench_gpu.sh --tiny                # the same parts on CPU with the tiny config
+#   STEPS=0 tools/bench_gpu.sh               # part 2 alone (the recipe projections skipped)
 #
 # Missing imports (mmengine and its light dependencies) are installed from the wheels folder
 # into a temporary site directory: no network, nothing installed system-wide.
@@ -22,6 +23,7 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT=${OUT:-work_dirs/bench_gpu}
 WHEELS=${WHEELS:-work_dirs/gpu_wheels}
 BUDGET_S=${BUDGET_S:-470}
+STEPS=${STEPS:-1}
 TINY=0
 [[ "${1:-}" == "--tiny" ]] && TINY=1
 mkdir -p "$OUT"
@@ -67,7 +69,7 @@ if (( TINY )); then
 else
   run gpu 300 "$PY" -m mllm bench gpu --json \
     || run gpu_16_layers 200 "$PY" -m mllm bench gpu --llm-layers 16 --json
-  for spec in "llava15_vicuna7b_finetune finetune" "llava15_vicuna7b_pretrain pretrain" \
+  (( STEPS )) && for spec in "llava15_vicuna7b_finetune finetune" "llava15_vicuna7b_pretrain pretrain" \
               "convllava_vicuna7b_768_stage3 finetune" "llava15_vicuna13b_finetune finetune"; do
     read -r recipe stage <<< "$spec"
     run "step_$recipe" 60 "$PY" -m mllm bench step --config "$recipe" --stage "$stage" \

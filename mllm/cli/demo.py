@@ -30,12 +30,17 @@ DEMO_MODELS = {
 
 def data_options(name: str, data_dir: str) -> dict:
     """Dataset paths of the demo's synthetic set, for model ``name``'s config."""
+    return synthetic_data_options(DEMO_MODELS[name][0], data_dir)
+
+
+def synthetic_data_options(config_path: str, data_dir: str) -> dict:
+    """Dataset paths of the synthetic set in ``data_dir``, for the config at ``config_path``."""
     from mmengine.config import Config
 
     options = {'train_dataloader.dataset.data_path': f'{data_dir}/train.json',
                'train_dataloader.dataset.image_folder': f'{data_dir}/images',
                'tokenizer.pretrained': f'{data_dir}/tokenizer'}
-    if Config.fromfile(DEMO_MODELS[name][0]).train_dataloader.dataset.get('box_file'):
+    if Config.fromfile(config_path).train_dataloader.dataset.get('box_file'):
         options['train_dataloader.dataset.box_file'] = f'{data_dir}/boxes.json'
     return options
 

@@ -3,14 +3,14 @@ import json
 
 
 def score_synthetic(cfg, checkpoint: str, data_dir: str, blank_images: bool,
-                    predictions_path: str) -> dict:
+                    predictions_path: str, device: str = 'cpu') -> dict:
     """Greedy answers of ``cfg``'s model at ``checkpoint`` to ``<data_dir>/val.json``: overall
     and per-category accuracy (also ``mllm sweep --eval synthetic:DIR``)."""
     from mllm.datasets.synthetic import CATEGORIES, answer_matches
     from mllm.inference.inference import answer_questions, load_model
     from mllm.registry import DATASETS
 
-    model = load_model(cfg, checkpoint)
+    model = load_model(cfg, checkpoint).to(device)
     dataset_cfg = dict(cfg.train_dataloader.dataset, data_path=f'{data_dir}/val.json',
                        image_folder=f'{data_dir}/images', blank_images=blank_images)
     dataset = DATASETS.build(dataset_cfg)

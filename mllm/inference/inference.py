@@ -41,6 +41,7 @@ def answer_questions(model, dataset, indices: Optional[List[int]] = None,
             items.append(dict(input_ids=prompt, pixel_values=item['pixel_values'],
                               boxes=item.get('boxes')))
         batch = llava_collate(items, pad_token_id=tokenizer.pad_token_id, padding_side='left')
+        batch = model.data_preprocessor.cast_data(batch)  # to the model's device
         new_tokens = model.generate(batch['input_ids'], attention_mask=batch['attention_mask'],
                                     pixel_values=batch['pixel_values'], boxes=batch.get('boxes'),
                                     max_new_tokens=max_new_tokens, eos_token_id=end_id,
