@@ -148,3 +148,71 @@ def test_train_plain_trains_and_scores_without_the_runner(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r['steps'] == 1 and r['max_iters'] == 600 and 'accuracy' in r
+
+
+IMAGE_FILTER = '''
+# only the GPU image's packages (and the kit's wheels) can be imported: the others are hidden
+import json, sys
+from importlib.machinery import PathFinder
+_allowed = set(json.load(open(__file__.replace('sitecustomize.py', 'allowed.json'))))
+_std = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+class _ImageOnly(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if '.' not in name and not (name in _allowed or name in _std or name.startswith('_')):
+            return None
+        return PathFinder.find_spec(name, path, target)
+sys.meta_path[:] = [_ImageOnly if f is PathFinder else f for f in sys.meta_path]
+'''
+
+
+def test_bench_gpu_imports_only_what_the_gpu_image_has(tmp_path):
+    """The GPU machine has torch and transformers but no mmengine, XTuner or DeepSpeed; the
+    kit carries tools/gpu_wheels.sh's wheels. With every other package hidden (the image's
+    list: tests/fixtures/gpu_image_packages.txt), `mllm bench gpu` still runs."""
+    import importlib.metadata as md
+    import re
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def norm(name):
+        return re.sub(r'[-_.]+', '-', name.lower())
+
+    with open(os.path.join(repo, 'tests', 'fixtures', 'gpu_image_packages.txt')) as f:
+        image = {norm(line.strip()) for line in f if line.strip() and not line.startswith('#')}
+    with open(os.path.join(repo, 'tools', 'gpu_wheels.sh')) as f:
+        wheels = {norm(p) for p in re.search(r'PACKAGES=\(([^)]*)\)', f.read()).group(1).split()}
+    assert 'mmengine' in wheels and 'mmengine' not in image and 'xtuner' not in image
+    # the image's packages bring their own dependencies (its huggingface_hub 1.33 needs httpx,
+    # ours httpx2): the closure of what they require here counts as there
+    installed = {norm(d.metadata['Name']): d for d in md.distributions()}
+    names, todo = set(), [n for n in image | wheels if n in installed]
+    while todo:
+        name = todo.pop()
+        if name in names:
+            continue
+        names.add(name)
+        for req in installed[name].requires or []:
+            dep = norm(re.match(r'[A-Za-z0-9._-]+', req).group(0))
+            if 'extra ==' not in req and dep in installed:
+                todo.append(dep)
+    allowed = {'mllm', 'cv2'}  # cv2: opencv-python here, opencv-python-headless there
+    for dist in installed.values():
+        if norm(dist.metadata['Name']) in names:
+            top = (dist.read_text('top_level.txt') or '').split() or {
+                f.parts[0].split('.')[0] for f in dist.files or []
+                if not f.parts[0].endswith(('.dist-info', '.egg-info'))}
+            allowed |= set(top)
+    assert not {'xtuner', 'deepspeed', 'bitsandbytes', 'datasets'} & allowed
+    (tmp_path / 'allowed.json').write_text(json.dumps(sorted(allowed)))
+    (tmp_path / 'sitecustomize.py').write_text(IMAGE_FILTER)
+    env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{repo}')
+    probe = subprocess.run([sys.executable, '-c', 'import xtuner'], env=env,
+                           capture_output=True, text=True)
+    assert probe.returncode != 0  # the filter is in force
+    out = subprocess.run([sys.executable, '-m', 'mllm', 'bench', 'gpu', '--tiny', '--steps', '1',
+                          '--json'], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {'xtuner_way', 'mllm'} <= set(result['variants'])
+    assert all('error' not in v for v in result['variants'].values())
