@@ -381,7 +381,9 @@ def test_uhd_release_resampler_imports_with_equal_outputs(official, tmp_path):
     llava = {k: v for k, v in official['model'].state_dict().items() if 'mm_projector' not in k}
     resampler = {f'model.mm_projector.{k}': v for k, v in release.state_dict().items()}
     torch.save({**llava, **resampler}, str(tmp_path / 'pytorch_model.bin'))
+    # the official fixture's tower has patch 8 (the tiny UHD recipe's has 16)
     cfg = _cfg('configs/tiny/tiny_uhd_synthetic.py', vision_encoder__pretrained=official['clip'],
+               vision_encoder__config__patch_size=8, image_processor__patch=8,
                model__trainable=['projector', 'llm'])
     out = str(tmp_path / 'uhd.pth')
     result = import_checkpoint(cfg, str(tmp_path / 'pytorch_model.bin'), out)
