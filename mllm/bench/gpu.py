@@ -184,7 +184,7 @@ def bench_gpu(config: str = 'llava15_vicuna7b_finetune', device: Optional[str] =
     import numpy as np
     lengths = dict(text=np.array([s['tokens'] - (visual if s['image'] else 0) for s in pool]),
                    images=np.array([int(s['image']) for s in pool]),
-                   learned=np.array([s['learned'] for s in pool]))
+                   learned=np.array([s['learned'] for s in pool]), source='LLaVA-665K-like mix')
     plan_cfg = load_config(config, {'model.gradient_checkpointing': 'auto'})
     if llm_layers:
         plan_cfg.llm['config']['num_hidden_layers'] = llm_layers

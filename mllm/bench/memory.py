@@ -128,8 +128,9 @@ def worst_batch(micro_batch: int, max_length: int, visual_tokens: int, flat: boo
 
     Args:
         lengths: per-sample arrays ``text`` (tokens without the image sentinel), ``images``
-            (0/1) and ``learned`` (``mllm.datasets.token_cache.sample_lengths``); None: every
-            sample ``max_length`` long with an image and all its text learned.
+            (0/1) and ``learned`` (``mllm.datasets.token_cache.sample_lengths``), and optionally
+            ``source``, where they come from (default 'token cache'); None: every sample
+            ``max_length`` long with an image and all its text learned.
         seq_len: every sample exactly this long (``mllm plan --seq-len``).
     """
     if seq_len is not None or lengths is None:
@@ -147,7 +148,8 @@ def worst_batch(micro_batch: int, max_length: int, visual_tokens: int, flat: boo
     tokens = int(top.sum()) if flat else micro_batch * longest
     images = int(np.sort(np.asarray(lengths['images']))[::-1][:micro_batch].sum())
     return Batch(micro_batch, tokens, longest, int(learned.sum()), images,
-                 f'{len(full)} samples (token cache): the {micro_batch} longest, '
+                 f"{len(full)} samples ({lengths.get('source', 'token cache')}): the "
+                 f'{micro_batch} longest, '
                  f'median {int(np.median(full))}, longest {longest} tokens')
 
 
