@@ -243,9 +243,14 @@ def test_clip336_geometry_tokens_equal_features(tiny_tokenizer):
 # ---------------------------------------------------------------- remote code (ConvLLaVA)
 
 CONVLLAVA = 'configs/tiny/tiny_convllava_synthetic_stage1.py'  # timm trunk + ConvLLaVA stage 5
-MGLLAVA = 'configs/tiny/tiny_mgllava_synthetic.py'  # CLIP + timm ConvNeXt + Conv-Gate
-REMOTE = {CONVLLAVA: ('MllmConvLlavaForCausalLM', 16),  # 256 px / stride 64 = 4 x 4
-          MGLLAVA: ('MllmMgLlavaForCausalLM', 64)}  # 256 px / stride 32 = 8 x 8
+MGLLAVA = 'configs/tiny/tiny_mgllava_synthetic.py'  # CLIP + timm ConvNeXt + Conv-Gate + boxes
+# MG-LLaVA's object boxes (pixels of its 256 x 200 image): one inside, one clipped at the
+# top-right corner, one empty (dropped): 2 object tokens
+BOXES = [[20, 30, 120, 150], [200, -10, 300, 90], [50, 50, 50, 80]]
+# model class, image-token slots, image (H, W) (padded to 256 px, never resized: equal
+# pixels), object boxes
+REMOTE = {CONVLLAVA: ('MllmConvLlavaForCausalLM', 16, (256, 256), None),  # stride 64: 4 x 4
+          MGLLAVA: ('MllmMgLlavaForCausalLM', 64 + 2, (200, 256), BOXES)}  # stride 32: 8 x 8
 
 
 # MG-LLaVA shares ConvLLaVA's tower and the route; slow keeps the default run lean
@@ -254,11 +259,12 @@ REMOTE = {CONVLLAVA: ('MllmConvLlavaForCausalLM', 16),  # 256 px / stride 64 = 4
 def test_remote_code_export_gives_mllm_logits(config, tmp_path, tokenizer_dir):
     """``--format remote_code``: plain transformers (``trust_remote_code=True``, no mllm in
     the process) loads the model from the files written next to the weights; its prompt ids,
-    pixels and logits equal mllm's, and ``generate`` answers as ``mllm chat``."""
+    pixels (and MG-LLaVA's object boxes, through ``processor(boxes=)``) and logits equal
+    mllm's, and ``generate`` answers as ``mllm chat``."""
     from mllm.inference.inference import (generate_reply, load_for_inference, load_image,
                                           prompt_inputs)
 
-    model_class, num_tokens = REMOTE[config]
+    model_class, num_tokens, image_shape, boxes = REMOTE[config]
     options = {'tokenizer.pretrained': tokenizer_dir}
     ckpt = save_checkpoint(tiny_cfg(tokenizer_dir, config=config), tmp_path / 'iter_1.pth')
     if config == MGLLAVA:  # the fusion starts as identity (zero projections): make it count
@@ -267,6 +273,8 @@ def test_remote_code_export_gives_mllm_logits(config, tmp_path, tokenizer_dir):
         for key, value in state['state_dict'].items():
             if key.startswith('fusion.'):
                 value.normal_(0, 0.2)
+            if key.startswith('bbox_projector.'):  # object tokens that move the logits
+                value.normal_(0, 1.0)
         torch.save(state, ckpt)
     out = tmp_path / 'remote'
     assert main(['convert', 'pth-to-hf', config, ckpt, str(out), '--format', 'remote_code',
@@ -274,11 +282,11 @@ def test_remote_code_export_gives_mllm_logits(config, tmp_path, tokenizer_dir):
     config_json = (out / 'config.json').read_text()
     assert f'.{model_class}"' in config_json
     assert 'trust_remote_code' not in config_json  # the loading user decides, not the folder
-    image = tmp_path / 'square.png'  # at the model's size: no resize, so equal pixels
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (256, 256, 3),
+    image = tmp_path / 'image.png'  # 256 px at most: padded, not resized, so equal pixels
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (*image_shape, 3),
                                                       dtype=np.uint8)).save(image)
     question = 'What colour is the shape?'
-    job = dict(folder=str(out), image=str(image), max_new_tokens=4,
+    job = dict(folder=str(out), image=str(image), max_new_tokens=4, boxes=boxes,
                messages=[{'role': 'user', 'content': f'<image>\n{question}'}])
     (tmp_path / 'job.json').write_text(json.dumps(job))
     env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', PYTHONPATH='',
@@ -294,14 +302,19 @@ def test_remote_code_export_gives_mllm_logits(config, tmp_path, tokenizer_dir):
 
     model, tokenizer, processor, template = load_for_inference(config, ckpt, options)
     batch = prompt_inputs([{'from': 'human', 'value': f'<image>\n{question}'}], tokenizer,
-                          template, processor, load_image(str(image)))
+                          template, processor, load_image(str(image)),
+                          box_entry=None if boxes is None else {'boxes': boxes})
     ids = batch['input_ids'][0]
     assert got['ids'] == ids.masked_fill(ids == -200, IMAGE_TOKEN_ID).tolist()
     assert int((ids == -200).sum()) == num_tokens
     torch.testing.assert_close(theirs['pixel_values'], batch['pixel_values'], rtol=0, atol=1e-6)
+    if boxes is not None:  # clipped, the empty one dropped, moved by the padding (28 px down)
+        assert len(theirs['bboxes']) == 1
+        torch.testing.assert_close(theirs['bboxes'][0], batch['boxes'][0], rtol=0, atol=0)
     with torch.no_grad():
         ours = model(batch['input_ids'], attention_mask=batch['attention_mask'],
-                     pixel_values=theirs['pixel_values'], mode='tensor')
+                     pixel_values=theirs['pixel_values'], boxes=batch.get('boxes'),
+                     mode='tensor')
     diff = float((theirs['logits'][..., :ours.shape[-1]] - ours).abs().max())
     assert diff <= 1e-5 * float(ours.abs().max()), diff  # eager (mllm's tiny config) vs SDPA
     assert got['answer'] == generate_reply(model, tokenizer, template, batch, max_new_tokens=4)

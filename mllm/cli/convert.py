@@ -2,8 +2,8 @@
 self-contained folder that ``mllm chat``, ``mllm eval`` and ``load_pretrained`` load without
 the config (``--format mllm``, the default), or transformers' own
 ``LlavaForConditionalGeneration`` layout for plain LLaVA (``--format llava_hf``), or a folder
-transformers loads with ``trust_remote_code=True`` for ConvLLaVA and MG-LLaVA
-(``--format remote_code``).
+transformers loads with ``trust_remote_code=True`` for ConvLLaVA, MG-LLaVA (with object boxes)
+and LLaVA-UHD (``--format remote_code``).
 
 ``mllm convert hf-to-pth CONFIG SRC OUT.pth``: the inverse, a released checkpoint (llava-hf,
 original LLaVA-1.5 and its ``mm_projector.bin``, ConvLLaVA, MG-LLaVA, LLaVA-UHD) -> an mllm
@@ -28,7 +28,7 @@ def add_arguments(parser):
                      help='mllm: every part, loadable by load_pretrained (default); llava_hf: '
                      'transformers LlavaForConditionalGeneration (CLIP + mlp2x_gelu only); '
                      'remote_code: transformers AutoModelForCausalLM with trust_remote_code '
-                     '(ConvLLaVA, MG-LLaVA)')
+                     '(ConvLLaVA, MG-LLaVA, LLaVA-UHD)')
     pth.add_argument('--keep-adapter', action='store_true',
                      help='save the LoRA adapter apart instead of merging it (mllm format)')
     pth.add_argument('--overwrite', action='store_true', help='write into a non-empty OUT_DIR')

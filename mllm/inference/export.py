@@ -18,9 +18,10 @@ with it): the export leaves the key out, loading refuses a folder that sets it, 
 loading user turns it on (``--trust-remote-code``; ``trust_remote_code=True`` in Python).
 ``export_llava_hf`` writes transformers' own ``LlavaForConditionalGeneration`` layout for
 the plain LLaVA architecture (CLIP + 2-layer MLP projector), ``export_remote_code`` a folder
-that transformers loads with ``trust_remote_code=True`` (ConvLLaVA; the modeling file from
-``remote_code/`` is written next to the weights). Both carry transformers' ``LlavaProcessor``
-and the training chat template as Jinja (``mllm.inference.chat_template``).
+that transformers loads with ``trust_remote_code=True`` (ConvLLaVA, MG-LLaVA, LLaVA-UHD; the
+modeling file from ``remote_code/`` is written next to the weights). Both carry a processor
+(transformers' ``LlavaProcessor``; UHD's slicing processor from the modeling file) and the
+training chat template as Jinja (``mllm.inference.chat_template``).
 """
 import inspect
 import json
@@ -433,27 +434,43 @@ def _prepare_text_side(tokenizer, template) -> Tuple[int, Optional[str]]:
 # ------------------------------------------------------------------ transformers remote code
 
 REMOTE_CODE_DIR = os.path.join(os.path.dirname(__file__), 'remote_code')
-# architecture -> (modeling files written next to the weights, the one auto_map names)
+# architecture -> (modeling files written next to the weights, the one auto_map names,
+# its config and model classes, its processor class or None for transformers' LlavaProcessor)
 REMOTE_CODE_FILES = {
     'convllava': (['modeling_mllm_convllava'], 'modeling_mllm_convllava',
-                  'MllmConvLlavaConfig', 'MllmConvLlavaForCausalLM'),
+                  'MllmConvLlavaConfig', 'MllmConvLlavaForCausalLM', None),
     'mgllava': (['modeling_mllm_convllava', 'modeling_mllm_mgllava'], 'modeling_mllm_mgllava',
-                'MllmMgLlavaConfig', 'MllmMgLlavaForCausalLM'),
+                'MllmMgLlavaConfig', 'MllmMgLlavaForCausalLM', 'MllmMgLlavaProcessor'),
+    'uhd': (['modeling_mllm_uhd'], 'modeling_mllm_uhd', 'MllmUhdConfig', 'MllmUhdForCausalLM',
+            'MllmUhdProcessor'),
 }
 
 
-def _remote_code_kind(model) -> str:
-    """'convllava' or 'mgllava' for the architectures the remote code covers, else raises."""
+def _remote_code_kind(model, image_processor=None) -> str:
+    """'convllava', 'mgllava' or 'uhd' for the architectures the remote code covers, else
+    raises."""
+    from mllm.datasets.slicing import UHDImageProcessor
     from mllm.models.convnext import ConvNeXtEncoder
     from mllm.models.fusion import ConvGateFusion
     from mllm.models.llava import LLaVAModel
     from mllm.models.mgllava import MGLLaVAModel
-    from mllm.models.projectors import MLPProjector
+    from mllm.models.projectors import MLPProjector, Resampler
     from mllm.models.vision import CLIPVisionEncoder
 
     problems, kind = [], None
     if type(model) is LLaVAModel and isinstance(model.vision_encoder, ConvNeXtEncoder):
         kind = 'convllava'
+    elif (type(model) is LLaVAModel and isinstance(model.vision_encoder, CLIPVisionEncoder)
+          and isinstance(model.projector, Resampler)):
+        kind = 'uhd'
+        if not isinstance(image_processor, UHDImageProcessor):
+            problems.append(f'the image processor is {type(image_processor).__name__}, not '
+                            'the UHDImageProcessor the resampler was trained with')
+        elif image_processor.tokens_per_unit not in (None, model.projector.num_queries):
+            problems.append(f'the image processor reserves {image_processor.tokens_per_unit} '
+                            f'tokens per slice, the resampler makes {model.projector.num_queries}')
+        if model.vision_encoder.select_feature != 'patch':
+            problems.append("the vision encoder's select_feature is not 'patch'")
     elif type(model) is MGLLaVAModel and isinstance(model.vision_encoder, CLIPVisionEncoder):
         kind = 'mgllava'
         if not isinstance(model.fusion, ConvGateFusion) or model.fusion.resize_high:
@@ -463,14 +480,15 @@ def _remote_code_kind(model) -> str:
     else:
         problems.append(f'the model is {type(model).__name__} with a '
                         f'{type(model.vision_encoder).__name__}')
-    if not isinstance(model.projector, MLPProjector):
+    if kind != 'uhd' and not isinstance(model.projector, MLPProjector):
         problems.append(f'the projector is {type(model.projector).__name__}, not an MLP')
     if _is_peft(model.llm):
         problems.append('the LLM still has LoRA adapters (merge them first)')
     if problems:
-        raise ValueError('--format remote_code covers ConvLLaVA (LLaVAModel + ConvNeXtEncoder) '
-                         'and MG-LLaVA (MGLLaVAModel, without object boxes) so far: '
-                         + '; '.join(problems) + '. Use --format mllm.')
+        raise ValueError('--format remote_code covers ConvLLaVA (LLaVAModel + ConvNeXtEncoder), '
+                         'MG-LLaVA (MGLLaVAModel) and LLaVA-UHD (LLaVAModel + CLIP + Resampler, '
+                         'UHDImageProcessor) so far: ' + '; '.join(problems)
+                         + '. Use --format mllm.')
     return kind
 
 
@@ -484,8 +502,16 @@ def _convnext_config(encoder, encoder_cfg: dict) -> dict:
 
 def _remote_config(kind: str, cfg, model, image_token_id: int) -> dict:
     """The custom config's fields for ``kind``."""
-    fields = dict(text_config=model.llm.config.to_dict(), projector_depth=model.projector.depth,
-                  image_token_index=image_token_id)
+    fields = dict(text_config=model.llm.config.to_dict(), image_token_index=image_token_id)
+    if kind == 'uhd':
+        resampler = model.projector
+        return dict(fields, clip_config=model.vision_encoder.model.config.to_dict(),
+                    select_layer=model.vision_encoder.select_layer,
+                    resampler_config=dict(num_queries=resampler.num_queries,
+                                          embed_dim=resampler.query.shape[1],
+                                          num_heads=resampler.attn.num_heads,
+                                          eps=resampler.ln_q.eps))
+    fields['projector_depth'] = model.projector.depth
     model_cfg = _plain(cfg.model)
     if kind == 'convllava':
         return dict(fields, vision_config=_convnext_config(model.vision_encoder,
@@ -496,16 +522,45 @@ def _remote_config(kind: str, cfg, model, image_token_id: int) -> dict:
                                                model_cfg['high_res_encoder']),
                 gate_channels=model.fusion.gate[0].out_features,
                 bbox_projector_depth=model.bbox_projector.depth,
-                bbox_in_channels=model.bbox_projector.linear_1.in_features)
+                bbox_in_channels=model.bbox_projector.linear_1.in_features,
+                box_pool_size=model.box_pool_size, box_grid_stage=model.box_grid_stage)
+
+
+def _remote_processor(kind: str, remote, model, tokenizer, image_processor,
+                      chat_template: Optional[str]):
+    """The processor the folder carries: transformers' ``LlavaProcessor`` (ConvLLaVA; MG-LLaVA
+    with its box-taking subclass in ``auto_map``, for ``trust_remote_code=True``) or the
+    modeling file's UHD slicing processor."""
+    from mllm.datasets.slicing import resolve_token_id
+
+    processor_class = REMOTE_CODE_FILES[kind][4]
+    if kind == 'uhd':
+        processor = getattr(remote, processor_class)(
+            tokenizer=tokenizer, chat_template=chat_template, base=image_processor.base,
+            patch=image_processor.patch, max_slices=image_processor.max_slices,
+            tokens_per_unit=model.projector.num_queries, image_mean=list(image_processor.mean),
+            image_std=list(image_processor.std), variant=image_processor.variant,
+            separator_ids=[resolve_token_id(tokenizer, t) for t in image_processor.separators],
+            image_token=IMAGE_TOKEN_TEXT)
+    else:
+        stride = (model.vision_encoder if kind == 'convllava' else model.high_res_encoder).stride
+        # no CLS token in the grid: 'full' and +0 give (size / stride)^2 tokens
+        processor = _llava_processor(tokenizer, image_processor, stride, 0, 'full', chat_template)
+    if processor_class is not None:
+        # processor_class stays LlavaProcessor for MG-LLaVA: without trust_remote_code
+        # AutoProcessor still gives transformers' own
+        processor.auto_map = {'AutoProcessor': f'{REMOTE_CODE_FILES[kind][1]}.{processor_class}'}
+    return processor
 
 
 def export_remote_code(cfg, model, tokenizer, image_processor, out_dir: str, template=None):
     """Write a folder that plain transformers loads with ``trust_remote_code=True``:
     ``config.json`` (its ``auto_map`` names the modeling file of ``remote_code/``, written next
     to the weights; it needs torch, transformers and timm/open_clip, not mllm), mllm's state
-    dict as ``model.safetensors``, the generation config, and transformers' own
-    ``LlavaProcessor`` + tokenizer with the training chat template. ConvLLaVA and MG-LLaVA
-    (its fused grid; object boxes are not supported there).
+    dict as ``model.safetensors``, the generation config, and the processor + tokenizer with
+    the training chat template: transformers' own ``LlavaProcessor`` (ConvLLaVA, MG-LLaVA;
+    with ``trust_remote_code=True`` MG-LLaVA's subclass, which takes object ``boxes=``) or
+    LLaVA-UHD's slicing processor (slices + overview, separators as ids).
 
     ``model.llm`` gets a row for ``<image>`` when the tokenizer needs a new id (in place).
     """
@@ -514,15 +569,17 @@ def export_remote_code(cfg, model, tokenizer, image_processor, out_dir: str, tem
 
     from safetensors.torch import save_file
 
-    kind = _remote_code_kind(model)
-    stride = (model.vision_encoder if kind == 'convllava' else model.high_res_encoder).stride
-    if image_processor is not None and image_processor.token_stride != stride:
-        raise ValueError(f'the image processor reserves one token per {image_processor.token_stride}'
-                         f' px but the encoder has stride {stride}')
+    kind = _remote_code_kind(model, image_processor)
+    if kind != 'uhd':
+        stride = (model.vision_encoder if kind == 'convllava' else model.high_res_encoder).stride
+        if image_processor is not None and image_processor.token_stride != stride:
+            raise ValueError('the image processor reserves one token per '
+                             f'{image_processor.token_stride} px but the encoder has stride '
+                             f'{stride}')
     image_token_id, chat_template = _prepare_text_side(tokenizer, template)
     if image_token_id >= model.llm.get_input_embeddings().num_embeddings:
         model.llm.resize_token_embeddings(image_token_id + 1)
-    files, main, config_class, model_class = REMOTE_CODE_FILES[kind]
+    files, main, config_class, model_class, _ = REMOTE_CODE_FILES[kind]
     remote = importlib.import_module(f'mllm.inference.remote_code.{main}')
     config = getattr(remote, config_class)(**_remote_config(kind, cfg, model, image_token_id))
     config.architectures = [model_class]
@@ -536,7 +593,6 @@ def export_remote_code(cfg, model, tokenizer, image_processor, out_dir: str, tem
               os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
     if template is not None:
         _generation_config(tokenizer, template).save_pretrained(out_dir)
-    # no CLS token in the grid: 'full' and +0 give (size / stride)^2 tokens
-    _llava_processor(tokenizer, image_processor, stride, 0, 'full',
-                     chat_template).save_pretrained(out_dir)
+    _remote_processor(kind, remote, model, tokenizer, image_processor,
+                      chat_template).save_pretrained(out_dir)
     return out_dir
