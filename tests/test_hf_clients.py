@@ -19,6 +19,22 @@ from test_chat_export import save_checkpoint, tiny_cfg
 
 TINY = 'configs/tiny/tiny_llava_synthetic.py'
 CLIENTS = os.path.join(os.path.dirname(__file__), 'hf_clients')
+
+
+def run_remote_code_client(tmp_path, job: dict):
+    """Run hf_clients/remote_code_client.py on ``job`` in a process that cannot import mllm
+    (no PYTHONPATH, offline): its JSON report and the tensors it saved. It must not warn."""
+    (tmp_path / 'job.json').write_text(json.dumps(job))
+    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', PYTHONPATH='',
+               HF_MODULES_CACHE=str(tmp_path / 'modules'))
+    done = subprocess.run([sys.executable, os.path.join(CLIENTS, 'remote_code_client.py'),
+                           str(tmp_path / 'job.json'), str(tmp_path / 'out.pt')],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'Warning' not in done.stderr, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not got['mllm_imported']
+    return got, torch.load(tmp_path / 'out.pt')
 IMAGE_TOKEN_ID = 4  # the tiny tokenizer's <image>
 
 
@@ -288,17 +304,8 @@ def test_remote_code_export_gives_mllm_logits(config, tmp_path, tokenizer_dir):
     question = 'What colour is the shape?'
     job = dict(folder=str(out), image=str(image), max_new_tokens=4, boxes=boxes,
                messages=[{'role': 'user', 'content': f'<image>\n{question}'}])
-    (tmp_path / 'job.json').write_text(json.dumps(job))
-    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', PYTHONPATH='',
-               HF_MODULES_CACHE=str(tmp_path / 'modules'))
-    done = subprocess.run([sys.executable, os.path.join(CLIENTS, 'remote_code_client.py'),
-                           str(tmp_path / 'job.json'), str(tmp_path / 'out.pt')],
-                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert 'Warning' not in done.stderr, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not got['mllm_imported'] and got['model_class'] == model_class
-    theirs = torch.load(tmp_path / 'out.pt')
+    got, theirs = run_remote_code_client(tmp_path, job)
+    assert got['model_class'] == model_class
 
     model, tokenizer, processor, template = load_for_inference(config, ckpt, options)
     batch = prompt_inputs([{'from': 'human', 'value': f'<image>\n{question}'}], tokenizer,

@@ -3,10 +3,7 @@
 the tiny UHD from the files written next to the weights; on an image cut into several slices
 of another shape than its overview, its prompt ids (separators as ids), slices, logits and
 generated ids equal mllm's."""
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +14,9 @@ from mllm.cli import main
 
 from conftest import TINY_WORDS
 from test_chat_export import save_checkpoint, tiny_cfg
+from test_hf_clients import run_remote_code_client
 
 UHD = 'configs/tiny/tiny_uhd_synthetic.py'  # 64 px ViT patch 16, 4 queries, ',' / '.' separators
-CLIENTS = os.path.join(os.path.dirname(__file__), 'hf_clients')
 IMAGE_TOKEN_ID = 4  # the tiny tokenizer's <image>
 
 
@@ -53,17 +50,8 @@ def test_uhd_remote_code_export_gives_mllm_logits(tmp_path, uhd_tokenizer_dir):
     question = 'What colour is the shape?'
     job = dict(folder=str(out), image=str(image), max_new_tokens=6,
                messages=[{'role': 'user', 'content': f'<image>\n{question}'}])
-    (tmp_path / 'job.json').write_text(json.dumps(job))
-    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', PYTHONPATH='',
-               HF_MODULES_CACHE=str(tmp_path / 'modules'))
-    done = subprocess.run([sys.executable, os.path.join(CLIENTS, 'remote_code_client.py'),
-                           str(tmp_path / 'job.json'), str(tmp_path / 'out.pt')],
-                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert 'Warning' not in done.stderr, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not got['mllm_imported'] and got['model_class'] == 'MllmUhdForCausalLM'
-    theirs = torch.load(tmp_path / 'out.pt')
+    got, theirs = run_remote_code_client(tmp_path, job)
+    assert got['model_class'] == 'MllmUhdForCausalLM'
 
     model, tokenizer, processor, template = load_for_inference(UHD, ckpt, options)
     pil = load_image(str(image))
