@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     import mllm.models  # noqa: F401
     from mllm.cli.demo import synthetic_data_options
     from mllm.engine.config import load_config
-    from mllm.evaluation.synthetic import score_synthetic
+    from mllm.evaluation.synthetic import score_model
     from mllm.registry import DATASETS, FUNCTIONS, MODELS
 
     name = os.path.splitext(os.path.basename(args.config))[0]
@@ -69,8 +69,12 @@ def main(argv=None) -> int:
                   for s in cfg.param_scheduler]
     max_iters, interval = cfg.train_cfg.max_iters, args.log_interval
     step, losses, curve, start = 0, [], [], time.time()
-    while step < max_iters and not (args.deadline is not None and step
-                                    and time.time() - start >= args.deadline):
+
+    def done() -> bool:  # the deadline still lets one step run
+        return step >= max_iters or (step > 0 and args.deadline is not None
+                                     and time.time() - start >= args.deadline)
+
+    while not done():
         for batch in loader:
             data = model.data_preprocessor(batch, True)
             loss = model(**data, mode='loss')['loss']
@@ -83,16 +87,12 @@ def main(argv=None) -> int:
                 curve.append(sum(losses[-interval:]) / interval)
                 print(f'[{name}] step {step}/{max_iters} loss {curve[-1]:.4f} '
                       f'{(time.time() - start) / step:.3f} s/step', flush=True)
-            if step >= max_iters or (args.deadline is not None
-                                     and time.time() - start >= args.deadline):
+            if done():
                 break
     train_seconds = time.time() - start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    checkpoint = os.path.splitext(args.out)[0] + '.pth'
-    torch.save(dict(state_dict=model.state_dict(), meta={}), checkpoint)
-    scores = score_synthetic(cfg, checkpoint, args.data_dir, False,
-                             os.path.splitext(args.out)[0] + '.predictions.jsonl',
-                             device=args.device)
+    scores = score_model(model.eval(), cfg, args.data_dir, False,
+                         os.path.splitext(args.out)[0] + '.predictions.jsonl')
     custom_keys = (cfg.optim_wrapper.get('paramwise_cfg') or {}).get('custom_keys') or {}
     result = dict(config=args.config, seed=args.seed,
                   cfg_options={k: str(v) for k, v in args.cfg_options.items()},
@@ -101,7 +101,6 @@ def main(argv=None) -> int:
                   losses=curve, **scores)
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)
-    os.remove(checkpoint)
     print(json.dumps(result))
     return 0
 

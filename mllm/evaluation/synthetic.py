@@ -3,14 +3,21 @@ import json
 
 
 def score_synthetic(cfg, checkpoint: str, data_dir: str, blank_images: bool,
-                    predictions_path: str, device: str = 'cpu') -> dict:
+                    predictions_path: str) -> dict:
     """Greedy answers of ``cfg``'s model at ``checkpoint`` to ``<data_dir>/val.json``: overall
     and per-category accuracy (also ``mllm sweep --eval synthetic:DIR``)."""
+    from mllm.inference.inference import load_model
+
+    return dict(score_model(load_model(cfg, checkpoint), cfg, data_dir, blank_images,
+                            predictions_path), checkpoint=checkpoint)
+
+
+def score_model(model, cfg, data_dir: str, blank_images: bool, predictions_path: str) -> dict:
+    """``score_synthetic`` for a model already in memory (on any device)."""
     from mllm.datasets.synthetic import CATEGORIES, answer_matches
-    from mllm.inference.inference import answer_questions, load_model
+    from mllm.inference.inference import answer_questions
     from mllm.registry import DATASETS
 
-    model = load_model(cfg, checkpoint).to(device)
     dataset_cfg = dict(cfg.train_dataloader.dataset, data_path=f'{data_dir}/val.json',
                        image_folder=f'{data_dir}/images', blank_images=blank_images)
     dataset = DATASETS.build(dataset_cfg)
@@ -25,5 +32,5 @@ def score_synthetic(cfg, checkpoint: str, data_dir: str, blank_images: bool,
             f.write(json.dumps(dict(id=sample['id'], category=sample['category'], answer=answer,
                                     prediction=prediction, correct=correct)) + '\n')
     correct = sum(c for c, _ in per_category.values())
-    return dict(accuracy=correct / len(dataset), checkpoint=checkpoint,
+    return dict(accuracy=correct / len(dataset),
                 per_category={c: round(k / n, 4) for c, (k, n) in per_category.items() if n})
