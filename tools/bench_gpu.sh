@@ -88,11 +88,15 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
     if 'variants' in r:
         print(f"{os.path.basename(path)}: {r['device']}, peak {r['matmul_peak_tflops']:.0f} TFLOP/s "
               f"measured; mllm step / XTuner's = {r.get('mllm_step_over_xtuner', float('nan')):.3f} "
-              f"(goal <= 0.75); plan {r['plan']['checkpoint_layers']}/{r['plan']['llm_layers']} layers")
+              f"(goal <= 0.75); plan {r['plan']['checkpoint_layers']}/{r['plan']['llm_layers']} layers"
+              f" ({r['plan'].get('micro_batch_8', {}).get('checkpoint_layers')} at micro-batch 8)")
         for name, v in r['variants'].items():
             print(f"  {name:<24} " + (v['error'] if 'error' in v else
-                  f"step {v['step_s']:.3f}s  {v['tokens_per_s']:.0f} tok/s  MFU {v['mfu']:.3f}  "
-                  f"peak {v.get('peak_memory_gb', 0):.1f} GB (plan {v['plan_memory_gb']:.1f})"))
+                  f"step {v['step_s']:.3f}s ({v.get('over_xtuner', float('nan')):.3f}x)  "
+                  f"{v['tokens_per_s']:.0f} tok/s  MFU {v['mfu']:.3f}  "
+                  f"peak {v.get('peak_memory_gb', 0):.1f} GB (plan {v['plan_memory_gb']:.1f})  "
+                  f"ckpt {v['checkpoint_layers']}  rounds "
+                  + ' '.join(f'{t:.3f}' for t in v.get('round_step_s', []))))
     else:
         print(f"{os.path.basename(path)}: step {r.get('step_s', 0):.3f}s, "
               f"MFU(A100) {r.get('mfu_vs_a100', 0):.3f}")

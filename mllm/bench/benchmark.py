@@ -338,8 +338,8 @@ def seven_b_activation_room(gpus: int = 8, gpu_mem_gb: float = 80.0, stage: str 
     """The memory budget the benchmark gives mllm's planner, from LLaVA-1.5-7B finetuning
     (16 x 2048 tokens per GPU, padding-free, answer-only head) at ``gpus`` x ``gpu_mem_gb``
     under ``stage``: the room left for activations as a share of all layers' activations.
-    With the first K of L layers checkpointed the activations are (34 (L - K) + 2 K) T h,
-    so the same share gives the same K / L at any depth."""
+    With the first K of L layers checkpointed the activations are (b (L - K) + 2 h K) T,
+    b a block's bytes per token, so the same share gives about the same K / L at any depth."""
     from mllm.bench.memory import plan_memory
     from mllm.engine.config import load_config
     report = plan_memory(load_config('llava15_vicuna7b_finetune'), gpus=gpus,
@@ -359,7 +359,8 @@ def planned_checkpointing(llm_config: dict, batches: List[List[int]], lengths: L
     c = dict(TINY_LLM, **llm_config)
     h = c['hidden_size']
     llm = Transformer(layers=c['num_hidden_layers'], hidden=h, heads=c['num_attention_heads'],
-                      flash=True, params_per_layer=4 * h * h + 3 * h * c['intermediate_size'])
+                      flash=True, params_per_layer=4 * h * h + 3 * h * c['intermediate_size'],
+                      intermediate=c['intermediate_size'])
     worst = max(batches, key=lambda b: sum(lengths[i] for i in b))
     batch = Batch(len(worst), sum(lengths[i] for i in worst), max(lengths[i] for i in worst),
                   sum(learned[i] for i in worst), len(worst), 'benchmark batches')

@@ -16,12 +16,23 @@ neither gradients nor optimizer state. In fp32 (CPU training) weights and gradie
 ZeRO-3 gathers the weights of the block it runs (and prefetches the next): the working set
 is counted as two copies of the largest of one LLM block or the embedding matrix.
 
-Activations of one transformer block (Korthikanti et al. 2022, "Reducing Activation
-Recomputation in Large Transformer Models", 16-bit, no tensor parallelism), with T the
-tokens of one micro-batch, s the longest sample, h the hidden size and a the heads:
+Activations of one transformer block, 16-bit, no tensor parallelism, with T the tokens of
+one micro-batch, s the longest sample, h the hidden size, i the MLP width, a the heads,
+d = h / a the head width and kv the key/value width (a·d, less with grouped-query
+attention). They are the bytes autograd saves in transformers' own layers, counted tensor
+by tensor (``tests/test_plan.py`` counts them again in ``LlamaDecoderLayer`` and
+``CLIPEncoderLayer``); on an H200, a 7B layer kept 4 % less than this (docs/performance.md).
 
-    flash / SDPA attention:   34·T·h bytes (no s×s score matrix is stored)
-    eager attention:          34·T·h + 5·a·s·T bytes
+    Llama-family decoder layer (SDPA):  (20·h + 8·i + 4·kv + 4·d + 4·a + 8)·T bytes
+        two RMSNorms each keep an fp32 copy (8h), q / attention output / o_proj and MLP
+        inputs (12h), k and v (4kv), RoPE's cos and sin (4d), SDPA's fp32 log-sum-exp (4a),
+        SwiGLU's gate, up, SiLU and product (8i)
+    CLIP-style encoder layer (SDPA):    (16·h + 6·i + 4·a + 8)·T bytes
+    a block without a known MLP width:  34·T·h (Korthikanti et al. 2022)
+    eager attention adds 5·a·s·T bytes (the s×s scores, softmax and dropout mask)
+
+For vicuna-7B the Llama formula gives 45.7·T·h, a third more than Korthikanti's 34·T·h,
+which assumes a 4h GELU MLP and no fp32 norm copies.
 
 T is what the collate function makes of the micro-batch: the sum of its samples' lengths
 for padding-free batches (``flat_llava_collate``, the recipes' default), micro-batch x the
@@ -30,7 +41,7 @@ longest for padded ones. Which micro-batch: the worst one the data can form, i.e
 the token cache (``lengths``); without data, every sample is ``max_length`` long.
 
 A checkpointed block keeps only its input (2·T·h bytes); while one is recomputed its full
-activations are live again (one block, 34·T·h), which raises the peak only when every block
+activations are live again (one block), which raises the peak only when every block
 is checkpointed: the first K are, and the backward frees the others before it gets there. The LM head's logits take 10 bytes per
 position and vocabulary entry (bf16 logits, their fp32 copy, log-softmax's output), over
 the positions with a learned label only for the answer-only head (``LLaVAModel`` with a
@@ -70,11 +81,27 @@ class Transformer:
     heads: int
     flash: bool
     params_per_layer: int = 0  # for the recompute FLOPs (2 x params per token)
+    intermediate: int = 0  # MLP width; 0: the generic block (34 h bytes per token)
+    kv_heads: int = 0  # grouped-query attention; 0: as many as ``heads``
+    gated: bool = True  # a Llama-family decoder layer (SwiGLU); False: a CLIP-style one
+
+
+def block_bytes_per_token(t: Transformer) -> float:
+    """16-bit activations one block keeps per token for its backward (module doc): what
+    autograd saves in transformers' own layers, counted by ``tests/test_plan.py``."""
+    h = t.hidden
+    if not t.intermediate:
+        return 34 * h
+    head_dim = h // t.heads
+    if t.gated:
+        kv = (t.kv_heads or t.heads) * head_dim
+        return 20 * h + 8 * t.intermediate + 4 * kv + 4 * head_dim + 4 * t.heads + 8
+    return 16 * h + 6 * t.intermediate + 4 * t.heads + 8
 
 
 def block_activation_bytes(t: Transformer, tokens: int, longest: int) -> float:
     """16-bit activations of one block over ``tokens`` tokens (see module doc)."""
-    per = 34 * tokens * t.hidden
+    per = block_bytes_per_token(t) * tokens
     return per if t.flash else per + 5 * t.heads * longest * tokens
 
 
@@ -213,14 +240,16 @@ def plan_policy(budget_gb: float, llm: Transformer, vocab: int, batch: Batch, ll
 
 
 def _transformer(config: dict, attn_implementation: Optional[str],
-                 params_per_layer: int = 0) -> Optional[Transformer]:
+                 params_per_layer: int = 0, gated: bool = True) -> Optional[Transformer]:
     keys = ('num_hidden_layers', 'hidden_size', 'num_attention_heads')
     if not all(k in config for k in keys):
         return None  # e.g. ConvNeXt towers: no block formula
     return Transformer(layers=config['num_hidden_layers'], hidden=config['hidden_size'],
                        heads=config['num_attention_heads'],
                        flash=(attn_implementation or 'sdpa') != 'eager',
-                       params_per_layer=params_per_layer)
+                       params_per_layer=params_per_layer,
+                       intermediate=config.get('intermediate_size', 0),
+                       kv_heads=config.get('num_key_value_heads') or 0, gated=gated)
 
 
 def _llm_block_params(report: dict, llm: dict) -> int:
@@ -293,7 +322,7 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
         if 'hidden_size' in vcfg and 'intermediate_size' in vcfg:
             per_layer = 4 * vcfg['hidden_size'] ** 2 + 2 * vcfg['hidden_size'] * vcfg[
                 'intermediate_size']
-            vision = _transformer(vcfg, 'eager', per_layer)
+            vision = _transformer(vcfg, 'eager', per_layer, gated=False)
     vision_tokens = report['visual_tokens'] + 1  # CLS included
     batch = worst_batch(micro_batch, max_length, report['visual_tokens'],
                         _collate_is_flat(cfg), lengths, seq_len)
