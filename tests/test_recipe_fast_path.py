@@ -1,6 +1,7 @@
 """Every shipped recipe trains on the benchmarked fast path by default: padding-free batches
-(``flat_llava_collate``), the offline token cache (built on first use) and the memory plan's
-recompute policy (``gradient_checkpointing='auto'``); one override goes back to padding."""
+(``flat_llava_collate``), the offline token cache (built on first use), the memory plan's
+recompute policy (``gradient_checkpointing='auto'``) and the compiled RMSNorm / SwiGLU
+(``fused_elementwise``); one override goes back to padding."""
 import glob
 import os.path as osp
 
@@ -25,6 +26,7 @@ def test_recipe_resolves_to_the_fast_path(path):
     expected_cache = None if cfg.image_processor.type == 'UHDImageProcessor' else 'data/token_cache'
     assert loader.dataset.get('token_cache') == expected_cache
     assert cfg.model.gradient_checkpointing == 'auto'
+    assert cfg.model.fused_elementwise is True  # compiled RMSNorm / SwiGLU on CUDA
 
 
 def test_one_override_goes_back_to_padded_batches():

@@ -95,7 +95,7 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
                   f"step {v['step_s']:.3f}s ({v.get('over_xtuner', float('nan')):.3f}x)  "
                   f"{v['tokens_per_s']:.0f} tok/s  MFU {v['mfu']:.3f}  "
                   f"peak {v.get('peak_memory_gb', 0):.1f} GB (plan {v['plan_memory_gb']:.1f})  "
-                  f"ckpt {v['checkpoint_layers']}  rounds "
+                  f"ckpt {v.get('checkpoint_layers_per_batch') or v['checkpoint_layers']}  rounds "
                   + ' '.join(f'{t:.3f}' for t in v.get('round_step_s', []))))
     else:
         print(f"{os.path.basename(path)}: step {r.get('step_s', 0):.3f}s, "

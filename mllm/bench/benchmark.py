@@ -265,6 +265,7 @@ class _Path:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.seconds, self.data_seconds, self.losses, self.seen = [], [], [], []
+        self.checkpointed = []  # per step, with per-batch recompute
 
     def step(self):
         start = time.perf_counter()
@@ -284,7 +285,10 @@ class _Path:
 
 class _MllmPath(_Path):
     def forward(self, batch):
-        return self.model(**batch, mode='loss')['loss']
+        loss = self.model(**batch, mode='loss')['loss']
+        if self.model.per_batch_checkpointing:
+            self.checkpointed.append(self.model.checkpointed_layers)
+        return loss
 
 
 class _XtunerPath(_Path):
@@ -355,7 +359,8 @@ def planned_checkpointing(llm_config: dict, batches: List[List[int]], lengths: L
     """mllm's policy for the benchmark's model: the fewest checkpointed layers whose
     activations over the worst batch fit ``room`` x the un-checkpointed activations
     (``mllm.bench.memory.plan_policy``, fp32)."""
-    from mllm.bench.memory import Batch, Transformer, activation_gb, plan_policy
+    from mllm.bench.memory import (Batch, Transformer, activation_gb, block_bytes_per_token,
+                                   plan_policy)
     c = dict(TINY_LLM, **llm_config)
     h = c['hidden_size']
     llm = Transformer(layers=c['num_hidden_layers'], hidden=h, heads=c['num_attention_heads'],
@@ -366,7 +371,10 @@ def planned_checkpointing(llm_config: dict, batches: List[List[int]], lengths: L
                   sum(learned[i] for i in worst), len(worst), 'benchmark batches')
     none = activation_gb(llm, 0, batch, 0, precision='fp32')['activations_gb']
     policy = plan_policy(room * none, llm, 0, batch, True, precision='fp32')
-    return dict(policy, budget_mb=room * none * 1e3,
+    # as `mllm train` resolves 'auto': each batch its own layers within the worst one's room
+    per_batch = dict(room_gb=room * none, kept=2 * block_bytes_per_token(llm),
+                     checkpointed=2 * 2 * h)  # fp32
+    return dict(policy, per_batch=per_batch, budget_mb=room * none * 1e3,
                 activations_without_checkpointing_mb=none * 1e3,
                 worst_batch_tokens=batch.tokens, layers=llm.layers)
 
@@ -439,9 +447,7 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
         room = seven_b_activation_room() if memory_room is None else memory_room
         policy = planned_checkpointing(llm_config, batches, lengths, learned, room)
         policy['memory_room'] = room
-        from mllm.models.llms import enable_gradient_checkpointing
-        if policy['checkpoint_layers']:
-            enable_gradient_checkpointing(ours.llm, policy['checkpoint_layers'])
+        _plan_recompute(ours, policy)
     copy_projector(ours, theirs)
     check_same_tokens(our_data, their_data, sorted({i for b in batches for i in b}))
     runs = [_MllmPath('mllm', ours, our_data, _mllm_collate, batches, lr),
@@ -479,7 +485,8 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
         mllm_losses=runs[0].losses, xtuner_losses=runs[1].losses,
         max_loss_diff=max(abs(a - b) for a, b in zip(runs[0].losses, runs[1].losses)),
         same_samples=True, torch_threads=torch.get_num_threads(),
-        xtuner_checkpointing=checkpointing, checkpoint_policy=policy)
+        xtuner_checkpointing=checkpointing, checkpoint_policy=policy,
+        checkpoint_layers_per_step=runs[0].checkpointed)
     for r in runs[:2]:
         result[f'{r.name}_data_share'] = sum(r.data_seconds[warmup:]) / sum(r.seconds[warmup:])
     if ablation:
@@ -492,6 +499,13 @@ def bench_train(work_dir: str, steps: int = 30, batch_size: int = 16, warmup: Op
     return result
 
 
+def _plan_recompute(model, policy: dict) -> None:
+    """The worst batch's layers, re-chosen per batch from its tokens (``per_batch``)."""
+    from mllm.models.llms import enable_gradient_checkpointing
+    enable_gradient_checkpointing(model.llm, policy['checkpoint_layers'])
+    model.per_batch_checkpointing = policy['per_batch']
+
+
 def _ablation_runs(paths, ckpt, cache, ours, batches, lr, policy, answer_only_last_layer):
     """mllm with one term at a time back to XTuner's way; same weights, batches, seed."""
     runs = []
@@ -502,10 +516,11 @@ def _ablation_runs(paths, ckpt, cache, ours, batches, lr, policy, answer_only_la
             answer_only_last_layer=answer_only_last_layer and term != 'full_last_layer')
         model.projector.load_state_dict(ours.projector.state_dict())
         layers = model.llm.config.num_hidden_layers
-        k = layers if term == 'full_recompute' else (policy or {}).get('checkpoint_layers', 0)
-        if k:
+        if term == 'full_recompute':
             from mllm.models.llms import enable_gradient_checkpointing
-            enable_gradient_checkpointing(model.llm, k)
+            enable_gradient_checkpointing(model.llm, layers)
+        elif policy:
+            _plan_recompute(model, policy)
         if term == 'full_head':  # HF's forward: logits at every position, then the loss
             model._decoder_and_head = lambda: None
         collate = _mllm_padded_collate if term == 'padded' else _mllm_collate

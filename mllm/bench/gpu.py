@@ -13,6 +13,13 @@ over the same batches:
     mllm            padding-free batch, answer-only head and last layer, the planned
                     recompute (``mllm plan``'s layers for 8 x 80 GB under ZeRO-2)
     mllm_full_recompute / mllm_no_recompute   the same with every / no layer checkpointed
+    mllm_micro_batch_8x2      the same global batch as 2 micro-batches of 8 (accumulated),
+                              with the plan for micro-batch 8
+    mllm_fused...             the same with the LLM's RMSNorms and SwiGLU compiled
+                              (``fused_elementwise``) and the plan that counts it
+    mllm_fused_per_batch      what the recipes train with: fused, and each batch
+                              checkpoints the layers its own tokens need within the worst
+                              batch's room (``per_batch``, what 'auto' resolves to)
     mllm_flash_attention_2                    when flash-attn is installed
 
 MFU is against the device's own bf16 matmul peak, measured first (``matmul_peak``); peak
@@ -21,7 +28,9 @@ and logits; no optimizer state). A variant that fails (out of memory...) is reco
 its error and the others still run. ``tiny=True`` runs the same code on the tiny config on
 CPU in seconds (the tested path).
 """
+import dataclasses
 import statistics
+import sys
 import time
 from typing import List, Optional
 
@@ -133,6 +142,7 @@ def bench_gpu(config: str = 'llava15_vicuna7b_finetune', device: Optional[str] =
             same work later). Defaults to 2.
     """
     import mllm.models  # noqa: F401
+    from mllm.models.llms import fuse_elementwise
     from mllm.bench.memory import (Batch, Transformer, activation_gb, plan_memory,
                                    recompute_share)
     from mllm.engine.config import load_config
@@ -200,15 +210,34 @@ def bench_gpu(config: str = 'llava15_vicuna7b_finetune', device: Optional[str] =
     planned_half = plan_memory(plan_cfg, gpus=plan_gpus, gpu_mem_gb=plan_gpu_mem_gb,
                                lengths=lengths, precision='bf16' if cuda else 'fp32',
                                micro_batch=half)['stages'][plan_stage]
+    # with the LLM's RMSNorms and SwiGLU compiled (less memory per kept layer)
+    fused_cfg = load_config(config, {'model.gradient_checkpointing': 'auto',
+                                     'model.fused_elementwise': True})  # the recipes'
+    if llm_layers:
+        fused_cfg.llm['config']['num_hidden_layers'] = llm_layers
+    fused_cfg.llm['attn_implementation'] = 'sdpa'  # as the model here runs
+    fused_plan, fused_plan_half = (
+        plan_memory(fused_cfg, gpus=plan_gpus, gpu_mem_gb=plan_gpu_mem_gb, lengths=lengths,
+                    precision='bf16', micro_batch=mb) for mb in (SAMPLES_PER_STEP, half))
+    planned_fused = fused_plan['stages'][plan_stage]
+    planned_fused_half = fused_plan_half['stages'][plan_stage]
+    # what `mllm train` resolves 'auto' to: the worst batch's room, each batch its layers
+    per_batch = dict(room_gb=planned_fused['llm_activation_room_gb'],
+                     **fused_plan['llm_bytes_per_token'])
     layers = llm_cfg.num_hidden_layers
     if tiny:  # the tiny model fits anything: plan half its layers, to exercise the path
-        planned = dict(planned, checkpoint_layers=layers // 2)
-        planned_half = dict(planned_half, checkpoint_layers=layers // 4)
+        planned = planned_fused = dict(planned, checkpoint_layers=layers // 2)
+        planned_half = planned_fused_half = dict(planned_half, checkpoint_layers=layers // 4)
     result['plan'] = dict(gpus=plan_gpus, gpu_mem_gb=plan_gpu_mem_gb, stage=plan_stage,
                           checkpoint_layers=planned['checkpoint_layers'], llm_layers=layers,
                           memory_gb=planned['memory_gb'], lengths_from=plan['lengths_from'],
                           micro_batch_8=dict(checkpoint_layers=planned_half['checkpoint_layers'],
-                                             memory_gb=planned_half['memory_gb']))
+                                             memory_gb=planned_half['memory_gb']),
+                          fused=dict(checkpoint_layers=planned_fused['checkpoint_layers'],
+                                     memory_gb=planned_fused['memory_gb']),
+                          fused_micro_batch_8=dict(
+                              checkpoint_layers=planned_fused_half['checkpoint_layers'],
+                              memory_gb=planned_fused_half['memory_gb']))
 
     variants = [('xtuner_way', dict(flat=False, head=False, last=False, ckpt=layers, vision=True)),
                 ('mllm', dict(flat=True, head=True, last=True,
@@ -219,7 +248,17 @@ def bench_gpu(config: str = 'llava15_vicuna7b_finetune', device: Optional[str] =
                                            vision=False)),
                 (f'mllm_micro_batch_{half}x2', dict(flat=True, head=True, last=True,
                                                     ckpt=planned_half['checkpoint_layers'],
-                                                    vision=False, split=2))]
+                                                    vision=False, split=2)),
+                ('mllm_fused', dict(flat=True, head=True, last=True, fused=True, vision=False,
+                                    ckpt=planned_fused['checkpoint_layers'])),
+                ('mllm_fused_per_batch', dict(flat=True, head=True, last=True, fused=True,
+                                              vision=False, per_batch=per_batch,
+                                              ckpt=planned_fused['checkpoint_layers'])),
+                ('mllm_fused_no_recompute', dict(flat=True, head=True, last=True, fused=True,
+                                                 ckpt=0, vision=False)),
+                (f'mllm_fused_micro_batch_{half}x2', dict(
+                    flat=True, head=True, last=True, fused=True, vision=False, split=2,
+                    ckpt=planned_fused_half['checkpoint_layers']))]
     try:
         import flash_attn  # noqa: F401
         variants.append(('mllm_flash_attention_2', dict(
@@ -250,17 +289,26 @@ def bench_gpu(config: str = 'llava15_vicuna7b_finetune', device: Optional[str] =
                 continue
             try:
                 _set_checkpointing(model, v['ckpt'], v['vision'])
+                fuse_elementwise(model.llm, v.get('fused', False))
+                model.per_batch_checkpointing = v.get('per_batch')
                 model.answer_only_last_layer = v['last']
                 model._decoder_and_head = head_of if v['head'] else (lambda: None)
                 model.llm.set_attn_implementation(v.get('attn', 'sdpa'))
-                seconds, losses, peak = _time_variant(model, batches, v, device, dtype)
+                seconds, losses, peak, layers_seen = _time_variant(model, batches, v, device,
+                                                                   dtype)
+                if v.get('per_batch'):
+                    row['checkpoint_layers_per_batch'] = layers_seen
                 row['round_step_s'].append(statistics.mean(seconds))
                 if name not in best or sum(seconds) < sum(best[name][0]):
                     best[name] = (seconds, losses)
                 if peak is not None:
                     row['peak_memory_gb'] = max(row.get('peak_memory_gb', 0.0), peak)
+                print(f'bench gpu: round {r + 1} {name}: {statistics.mean(seconds):.3f} s a step, '
+                      f'peak {peak or 0:.1f} GB, losses {losses}', file=sys.stderr, flush=True)
             except Exception as err:  # noqa: BLE001 - a failing variant is a finding, not a stop
                 row['error'] = f'{type(err).__name__}: {str(err)[:300]}'
+                print(f'bench gpu: round {r + 1} {name}: {row["error"]}', file=sys.stderr,
+                      flush=True)
             if cuda:
                 torch.cuda.empty_cache()
     real = [sum(s['tokens'] for s in g) for g in picks]
@@ -289,7 +337,8 @@ def bench_gpu(config: str = 'llava15_vicuna7b_finetune', device: Optional[str] =
         answers = sum(s['learned'] for s in group) if v['head'] else tokens
         batch = Batch(micro, tokens, longest, answers, micro, '')
         row['recompute_share'] = recompute_share(tower, batch, v['ckpt'], True)
-        parts = activation_gb(tower, llm_cfg.vocab_size, batch, v['ckpt'],
+        parts = activation_gb(dataclasses.replace(tower, fused=v.get('fused', False)),
+                              llm_cfg.vocab_size, batch, v['ckpt'],
                               answer_only_head=True, precision='bf16' if cuda else 'fp32')
         row['plan_memory_gb'] = (width * (total + trainable)) / GB + sum(parts.values())
         result['variants'][name] = row
@@ -325,7 +374,7 @@ def _time_variant(model, batches: List[list], v: dict, device, dtype):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    seconds, losses = [], []
+    seconds, losses, layers_seen = [], [], []
     for k in range(len(steps) + 1):  # step 0 warms up on the first batch
         _sync(device)
         t = time.perf_counter()
@@ -337,9 +386,10 @@ def _time_variant(model, batches: List[list], v: dict, device, dtype):
         _sync(device)
         seconds.append(time.perf_counter() - t)
         losses.append(total)
+        layers_seen.append(model.checkpointed_layers)
         model.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() / GB if cuda else None
-    return seconds[1:], losses[1:], peak
+    return seconds[1:], losses[1:], peak, layers_seen[1:]
 
 
 def _train_flops(llm_params: int, layers: int, hidden: int, group: List[dict]) -> float:

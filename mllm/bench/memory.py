@@ -27,6 +27,9 @@ by tensor (``tests/test_plan.py`` counts them again in ``LlamaDecoderLayer`` and
         two RMSNorms each keep an fp32 copy (8h), q / attention output / o_proj and MLP
         inputs (12h), k and v (4kv), RoPE's cos and sin (4d), SDPA's fp32 log-sum-exp (4a),
         SwiGLU's gate, up, SiLU and product (8i)
+    the same, fused_elementwise:         (12·h + 6·i + 4·kv + 4·d + 4·a + 8)·T bytes
+        each compiled RMSNorm keeps its bf16 input instead of the two copies, the compiled
+        SwiGLU recomputes SiLU in the backward
     CLIP-style encoder layer (SDPA):    (16·h + 6·i + 4·a + 8)·T bytes
     a block without a known MLP width:  34·T·h (Korthikanti et al. 2022)
     eager attention adds 5·a·s·T bytes (the s×s scores, softmax and dropout mask)
@@ -84,6 +87,7 @@ class Transformer:
     intermediate: int = 0  # MLP width; 0: the generic block (34 h bytes per token)
     kv_heads: int = 0  # grouped-query attention; 0: as many as ``heads``
     gated: bool = True  # a Llama-family decoder layer (SwiGLU); False: a CLIP-style one
+    fused: bool = False  # RMSNorm and SwiGLU compiled (``LLaVAModel(fused_elementwise=True)``)
 
 
 def block_bytes_per_token(t: Transformer) -> float:
@@ -95,7 +99,8 @@ def block_bytes_per_token(t: Transformer) -> float:
     head_dim = h // t.heads
     if t.gated:
         kv = (t.kv_heads or t.heads) * head_dim
-        return 20 * h + 8 * t.intermediate + 4 * kv + 4 * head_dim + 4 * t.heads + 8
+        norms_and_mlp = 12 * h + 6 * t.intermediate if t.fused else 20 * h + 8 * t.intermediate
+        return norms_and_mlp + 4 * kv + 4 * head_dim + 4 * t.heads + 8
     return 16 * h + 6 * t.intermediate + 4 * t.heads + 8
 
 
@@ -240,7 +245,8 @@ def plan_policy(budget_gb: float, llm: Transformer, vocab: int, batch: Batch, ll
 
 
 def _transformer(config: dict, attn_implementation: Optional[str],
-                 params_per_layer: int = 0, gated: bool = True) -> Optional[Transformer]:
+                 params_per_layer: int = 0, gated: bool = True,
+                 fused: bool = False) -> Optional[Transformer]:
     keys = ('num_hidden_layers', 'hidden_size', 'num_attention_heads')
     if not all(k in config for k in keys):
         return None  # e.g. ConvNeXt towers: no block formula
@@ -249,7 +255,8 @@ def _transformer(config: dict, attn_implementation: Optional[str],
                        flash=(attn_implementation or 'sdpa') != 'eager',
                        params_per_layer=params_per_layer,
                        intermediate=config.get('intermediate_size', 0),
-                       kv_heads=config.get('num_key_value_heads') or 0, gated=gated)
+                       kv_heads=config.get('num_key_value_heads') or 0, gated=gated,
+                       fused=fused)
 
 
 def _llm_block_params(report: dict, llm: dict) -> int:
@@ -313,7 +320,9 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
     micro_batch = micro_batch or loader.batch_size
     trainable = set(cfg.model.get('trainable', ()))
     llm = _transformer(cfg.llm['config'], cfg.llm.get('attn_implementation'),
-                       _llm_block_params(report, cfg.llm))
+                       _llm_block_params(report, cfg.llm),
+                       # the compiled kernels run on CUDA only (bf16 runs here)
+                       fused=bool(cfg.model.get('fused_elementwise')) and precision != 'fp32')
     llm_trains = any(t == 'llm' or t.startswith('llm.') for t in trainable) or bool(
         cfg.model.get('lora'))
     vision = None
@@ -326,6 +335,12 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
     vision_tokens = report['visual_tokens'] + 1  # CLS included
     batch = worst_batch(micro_batch, max_length, report['visual_tokens'],
                         _collate_is_flat(cfg), lengths, seq_len)
+    median_sample_tokens = None
+    if lengths is not None and seq_len is None:
+        import numpy as np
+        median_sample_tokens = int(np.median(np.minimum(
+            np.asarray(lengths['text']) + np.asarray(lengths['images']) * report['visual_tokens'],
+            max_length)))
     vocab = cfg.llm['config']['vocab_size']
     head = _answer_only_head(cfg)
     setting = cfg.model.get('gradient_checkpointing', False)
@@ -353,6 +368,13 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
                    logits_gb=round(policy['logits_gb'], 2), overhead_gb=round(overhead_gb, 2))
         # the total is the sum of the printed parts, so the table adds up
         memory = round(sum(row[p] for p in PARTS), 2)
+        if setting == 'auto' and llm.flash:
+            # the room the LLM's activations may take in any micro-batch: what the worst
+            # one leaves of the GPU after states, overhead, its logits and the vision tower
+            llm_acts = (2 if precision == 'fp32' else 1) * tower_activation_bytes(
+                llm, batch.tokens, batch.longest, policy['checkpoint_layers']) / GB
+            row['llm_activation_room_gb'] = round(
+                gpu_mem_gb - base - policy['logits_gb'] - (policy['activations_gb'] - llm_acts), 3)
         row.update(memory_gb=memory, fits=memory <= gpu_mem_gb, micro_batch=batch.micro_batch,
                    checkpoint_layers=policy['checkpoint_layers'],
                    checkpoint_vision=policy['checkpoint_vision'],
@@ -368,6 +390,10 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
                 learned_per_micro_batch=batch.learned, lengths_from=batch.source,
                 padding_free=_collate_is_flat(cfg), answer_only_head=head,
                 gradient_checkpointing=setting, llm_layers=llm.layers,
+                median_sample_tokens=median_sample_tokens,
+                llm_bytes_per_token=dict(
+                    kept=(2 if precision == 'fp32' else 1) * block_bytes_per_token(llm),
+                    checkpointed=(2 if precision == 'fp32' else 1) * 2 * llm.hidden),
                 overhead_gb=overhead_gb,
                 params=report['params']['total'], trainable_params=report['trainable_params'],
                 visual_tokens=report['visual_tokens'],
@@ -455,12 +481,24 @@ def resolve_auto_checkpointing(cfg, gpus: Optional[int] = None,
                        precision=precision, lengths=lengths,
                        overhead_gb=CUDA_OVERHEAD_GB if torch.cuda.is_available() else 0.0)
     row = plan['stages']['zero1' if stage == 'none' else stage]
-    cfg.model.gradient_checkpointing = dict(llm=row['checkpoint_layers'],
-                                            vision=row['checkpoint_vision'])
+    policy = dict(llm=row['checkpoint_layers'], vision=row['checkpoint_vision'])
+    per_batch = ''
+    if row['fits'] and row.get('llm_activation_room_gb', 0) > 0:
+        # each micro-batch checkpoints what its own tokens need within the worst one's room
+        policy['per_batch'] = dict(room_gb=row['llm_activation_room_gb'],
+                                   **plan['llm_bytes_per_token'])
+        if plan.get('median_sample_tokens'):
+            from mllm.models.llms import layers_to_checkpoint
+            median = plan['median_sample_tokens'] * row['micro_batch']
+            k = layers_to_checkpoint(median, plan['llm_layers'], **policy['per_batch'])
+            per_batch = f'; per micro-batch from its tokens: {k} at a median one ({median} tokens)'
+        else:
+            per_batch = '; fewer for shorter micro-batches (per_batch)'
+    cfg.model.gradient_checkpointing = policy
     log(f"gradient_checkpointing='auto': {row['checkpoint_layers']} of {plan['llm_layers']} LLM "
         f"layers checkpointed{', and the vision tower' if row['checkpoint_vision'] else ''} "
-        f"({stage}, {gpus} GPU(s) x {gpu_mem_gb:.0f} GB, micro-batch {row['micro_batch']}, "
-        f"{plan['lengths_from']}): {row['memory_gb']} GB planned, recompute "
-        f"{100 * row['recompute_share']:.0f}% of the step"
+        f"at the worst micro-batch ({stage}, {gpus} GPU(s) x {gpu_mem_gb:.0f} GB, micro-batch "
+        f"{row['micro_batch']}, {plan['lengths_from']}){per_batch}: {row['memory_gb']} GB "
+        f"planned, recompute {100 * row['recompute_share']:.0f}% of the worst step"
         + ('' if row['fits'] else ' -- DOES NOT FIT even fully checkpointed'))
     return row

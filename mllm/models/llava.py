@@ -12,7 +12,8 @@ from mmengine.model import BaseModel
 
 from mllm.datasets.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mllm.models.llms import (checkpointing_policy, decode_learned_rows,
-                              enable_gradient_checkpointing)
+                              enable_gradient_checkpointing, fuse_elementwise,
+                              layers_to_checkpoint, set_checkpointed_layers)
 from mllm.models.lora import apply_lora
 from mllm.models.varlen_attention import segment_starts, supports_varlen
 from mllm.registry import MODELS
@@ -76,10 +77,16 @@ class LLaVAModel(BaseModel):
             LLM layer and the vision encoder), False, a number K (the first K LLM layers),
             ``dict(llm=K or bool, vision=bool)``, or 'auto', which ``mllm train`` resolves
             to the fewest layers its memory plan needs (``mllm.bench.memory``); an
-            unresolved 'auto' refuses to train.
+            unresolved 'auto' refuses to train. ``per_batch=dict(room_gb, kept,
+            checkpointed)`` in the dict (what 'auto' resolves to) re-chooses the LLM layers
+            for each training micro-batch from its token count: the fewest whose activations
+            fit ``room_gb`` (``layers_to_checkpoint``), so short batches recompute less.
         answer_only_last_layer: in the loss, run the LLM's last MLP only where a label is
             learned (exact: nothing reads the other positions). Defaults to True; False is
             HF's full last layer, for comparison.
+        fused_elementwise: run the LLM's RMSNorms and SwiGLU products as compiled kernels
+            on CUDA (``mllm.models.llms.fuse_elementwise``): fewer memory passes and less
+            activation memory per layer. Defaults to False (HF's modules).
     """
 
     def __init__(self,
@@ -90,6 +97,7 @@ class LLaVAModel(BaseModel):
                  lora: Optional[dict] = None,
                  gradient_checkpointing: Union[bool, int, str, dict] = False,
                  answer_only_last_layer: bool = True,
+                 fused_elementwise: bool = False,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
@@ -100,10 +108,16 @@ class LLaVAModel(BaseModel):
             in_channels=self.vision_encoder.out_channels,
             out_channels=self.llm.config.hidden_size))
         set_trainable(self, trainable)
+        self.fused_elementwise = fused_elementwise
+        if fused_elementwise:
+            fuse_elementwise(self.llm)
         self.gradient_checkpointing = gradient_checkpointing
         llm_layers, vision = checkpointing_policy(gradient_checkpointing)
-        if llm_layers is not False:  # None: every layer
-            enable_gradient_checkpointing(self.llm, llm_layers)
+        self.per_batch_checkpointing = (gradient_checkpointing.get('per_batch')
+                                        if isinstance(gradient_checkpointing, dict) else None)
+        self.checkpointed_layers = None  # the last training micro-batch's, with per_batch
+        if llm_layers is not False or self.per_batch_checkpointing:  # None: every layer
+            enable_gradient_checkpointing(self.llm, 0 if llm_layers is False else llm_layers)
         if vision:
             self.vision_encoder.set_grad_checkpointing(True)
 
@@ -207,6 +221,10 @@ class LLaVAModel(BaseModel):
                 '(mllm.bench.memory.resolve_auto_checkpointing); a model built another way needs '
                 'True, False, a layer count or dict(llm=K, vision=bool)')
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, boxes=boxes)
+        if self.per_batch_checkpointing and self.training and torch.is_grad_enabled():
+            tokens = inputs_embeds.shape[0] * inputs_embeds.shape[1]  # padding included
+            self.checkpointed_layers = set_checkpointed_layers(self.llm, layers_to_checkpoint(
+                tokens, self.llm.config.num_hidden_layers, **self.per_batch_checkpointing))
         if position_ids is not None and attention_mask is None:
             attention_mask = self._packed_attention_mask(position_ids, inputs_embeds.dtype)
         kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask,

@@ -216,14 +216,43 @@ def enable_gradient_checkpointing(llm: torch.nn.Module, layers: Optional[int] = 
             raise ValueError(f'checkpointing {layers} of the LLM layers needs transformers>=4.52 '
                              f'(this is {transformers.__version__}); use True or False')
         return llm.config.num_hidden_layers
-    blocks = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
     if layers is None:
-        return len(blocks)
+        return len(_decoder_blocks(llm))
+    return set_checkpointed_layers(llm, layers)
+
+
+def _decoder_blocks(llm: torch.nn.Module) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(llm: torch.nn.Module, layers: int) -> int:
+    """Checkpoint the first ``layers`` decoder layers and no other (flags only: HF's enable
+    call must have run, ``enable_gradient_checkpointing``)."""
+    blocks = _decoder_blocks(llm)
     if not 0 <= layers <= len(blocks):
         raise ValueError(f'gradient checkpointing of {layers} LLM layers: the LLM has '
                          f'{len(blocks)} decoder layers')
     for k, block in enumerate(blocks):
         block.gradient_checkpointing = k < layers
+    return layers
+
+
+PER_BATCH_KEYS = ('room_gb', 'kept', 'checkpointed')
+
+
+def layers_to_checkpoint(tokens: int, layers: int, room_gb: float, kept: float,
+                         checkpointed: float) -> int:
+    """The fewest of the first LLM layers to checkpoint so that a micro-batch of ``tokens``
+    fits ``room_gb``: ``kept`` bytes per token in each other layer, ``checkpointed`` (its
+    input) in each checkpointed one, and one layer's activations again while it is
+    recomputed when all are (``mllm.bench.memory.tower_activation_bytes``, the same count).
+    All layers when even that does not fit."""
+    room = room_gb * 1e9
+    for k in range(layers + 1):
+        need = tokens * (k * checkpointed + (layers - k) * kept + (kept if k == layers else 0))
+        if need <= room:
+            return k
     return layers
 
 
@@ -236,7 +265,15 @@ def checkpointing_policy(value) -> tuple:
         return None, True
     if isinstance(value, int):
         return (value if value > 0 else False), False
-    if isinstance(value, dict) and set(value) <= {'llm', 'vision'}:
+    if isinstance(value, dict) and set(value) <= {'llm', 'vision', 'per_batch'}:
+        per_batch = value.get('per_batch')
+        if per_batch is not None and (
+                not isinstance(per_batch, dict) or set(per_batch) != set(PER_BATCH_KEYS)
+                or not all(isinstance(per_batch[k], (int, float)) and per_batch[k] > 0
+                           for k in PER_BATCH_KEYS)):
+            raise ValueError(f'gradient_checkpointing.per_batch must be dict(room_gb=..., '
+                             f'kept=..., checkpointed=...) of positive numbers (bytes per '
+                             f'token per layer), got {per_batch!r}')
         llm = value.get('llm', False)
         if llm is True:
             llm = None
@@ -247,4 +284,82 @@ def checkpointing_policy(value) -> tuple:
                              f'got {llm!r}')
         return llm, bool(value.get('vision', False))
     raise ValueError("gradient_checkpointing must be True, False, 'auto', a number of LLM layers "
-                     f'or dict(llm=..., vision=...), got {value!r}')
+                     f'or dict(llm=..., vision=..., per_batch=...), got {value!r}')
+
+
+# transformers' RMSNorm classes whose forward is Llama's (fp32 mean of squares, weight
+# times the normalised input cast back) and MLP classes that are SwiGLU
+FUSABLE_NORMS = ('LlamaRMSNorm', 'MistralRMSNorm', 'Qwen2RMSNorm', 'Qwen3RMSNorm',
+                 'Phi3RMSNorm')
+FUSABLE_MLPS = ('LlamaMLP', 'MistralMLP', 'Qwen2MLP', 'Qwen3MLP', 'Phi3MLP')
+COMPILE_ON_CPU = False  # tests compile on CPU to count what the fused ops save
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``, op for op."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+def _fused(fn, *args):
+    """``fn`` compiled (one kernel forward, one backward; autograd keeps the inputs and
+    recomputes the rest) on CUDA, eager elsewhere: on CPU the compile costs more than it
+    saves."""
+    return (_compiled(fn) if args[0].is_cuda or COMPILE_ON_CPU else fn)(*args)
+
+
+def _fused_norm_forward(self, hidden_states):
+    return _fused(_rms_norm, hidden_states, self.weight, self.variance_epsilon)
+
+
+def _fused_mlp_forward(self, x):
+    if hasattr(self, 'gate_up_proj'):  # Phi-3: one projection, halves gate and up
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(_fused(_silu_mul, gate, up))
+
+
+def fuse_elementwise(llm: torch.nn.Module, enabled: bool = True) -> int:
+    """Run each RMSNorm and each SwiGLU product of the LLM as one compiled kernel on CUDA.
+
+    transformers' RMSNorm is six memory-bound kernels forward and keeps an fp32 copy of its
+    input plus the bf16 normalised input for the backward (6 bytes per element more than
+    its bf16 input); SwiGLU keeps SiLU's output besides the gate and the up projection.
+    Compiled, each keeps only its inputs (and the fp32 reciprocal norm), which takes 8h + 2i
+    bytes per token off every kept layer (``mllm.bench.memory``), and reads the activations
+    once. The forward's values are the same ops in the same precision; the compiled
+    reduction may round differently in the last bit. ``enabled=False`` restores HF's
+    forwards. Returns how many modules run fused; a model with none is an error.
+    """
+    count = 0
+    for module in llm.modules():
+        name = type(module).__name__
+        act = getattr(module, 'act_fn', None) or getattr(module, 'activation_fn', None)
+        if name in FUSABLE_NORMS:
+            fused = _fused_norm_forward
+        elif name in FUSABLE_MLPS and type(act).__name__ in ('SiLU', 'SiLUActivation'):
+            fused = _fused_mlp_forward
+        else:
+            continue
+        if enabled:
+            module.forward = fused.__get__(module)
+        else:
+            module.__dict__.pop('forward', None)
+        count += 1
+    if not count:
+        raise ValueError(f'fused_elementwise: {type(llm).__name__} has no RMSNorm '
+                         f'({", ".join(FUSABLE_NORMS)}) or SwiGLU MLP '
+                         f'({", ".join(FUSABLE_MLPS)}) to fuse; set fused_elementwise=False')
+    return count

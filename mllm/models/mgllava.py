@@ -50,6 +50,7 @@ class MGLLaVAModel(LLaVAModel):
                  lora: Optional[dict] = None,
                  gradient_checkpointing: bool = False,
                  answer_only_last_layer: bool = True,
+                 fused_elementwise: bool = False,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         # the base class freezes everything (trainable=()); the trainable set is applied
@@ -57,6 +58,7 @@ class MGLLaVAModel(LLaVAModel):
         super().__init__(llm, vision_encoder, projector=projector, trainable=(), lora=lora,
                          gradient_checkpointing=gradient_checkpointing,
                          answer_only_last_layer=answer_only_last_layer,
+                         fused_elementwise=fused_elementwise,
                          data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         if getattr(self.vision_encoder, 'select_feature', 'patch') != 'patch':
             raise ValueError("MGLLaVAModel fuses patch grids: the vision encoder needs "

@@ -14,7 +14,8 @@ train_dataloader = dict(dataset=dict(template=None))
 
 # model: ConvNeXt-L (frozen) + stage 5 (trains) -> mlp2x_gelu 3072 -> H (trains) -> LLM (frozen)
 model = dict(type='LLaVAModel', projector=dict(type='MLPProjector', depth=2),
-             trainable=['vision_encoder.stage5', 'projector'], gradient_checkpointing='auto')
+             trainable=['vision_encoder.stage5', 'projector'], gradient_checkpointing='auto',
+             fused_elementwise=True)
 
 # schedule: global batch = 8 GPUs x 32 per GPU x 1 accumulation step
 optim_wrapper = dict(optimizer=dict(lr=3e-4))

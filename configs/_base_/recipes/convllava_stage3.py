@@ -8,7 +8,8 @@ _base_ = [
 ]
 
 model = dict(type='LLaVAModel', projector=dict(type='MLPProjector', depth=2),
-             trainable=['projector', 'llm'], gradient_checkpointing='auto')
+             trainable=['projector', 'llm'], gradient_checkpointing='auto',
+             fused_elementwise=True)
 # schedule: global batch = 8 GPUs x 16 per GPU x 1 accumulation step (lr 2e-5 from the base)
 
 deepspeed = 'zero2'

@@ -8,4 +8,5 @@ _base_ = [
 ]
 
 model = dict(type='LLaVAModel', projector=dict(type='MLPProjector', depth=2),
-             trainable=['projector', 'llm'], gradient_checkpointing='auto')
+             trainable=['projector', 'llm'], gradient_checkpointing='auto',
+             fused_elementwise=True)

@@ -8,4 +8,5 @@ _base_ = [
 
 # model: CLIP ViT-L/336 (frozen) -> mlp2x_gelu (trains) -> LLM (frozen)
 model = dict(type='LLaVAModel', projector=dict(type='MLPProjector', depth=2),
-             trainable=['projector'], gradient_checkpointing='auto')
+             trainable=['projector'], gradient_checkpointing='auto',
+             fused_elementwise=True)

@@ -14,7 +14,8 @@ model = dict(type='MGLLaVAModel',
              bbox_projector=dict(type='MLPProjector', depth=2),
              box_pool_size=56,
              trainable=['projector', 'bbox_projector', 'fusion', 'llm'],
-             gradient_checkpointing='auto')
+             gradient_checkpointing='auto',
+             fused_elementwise=True)
 
 train_dataloader = dict(dataset=dict(box_file='data/llava_finetune/boxes.json', max_boxes=100))
 

@@ -14,7 +14,8 @@ model = dict(type='MGLLaVAModel',
              bbox_projector=dict(type='MLPProjector', depth=2),
              box_pool_size=56,
              trainable=['projector', 'bbox_projector', 'fusion'],
-             gradient_checkpointing='auto')
+             gradient_checkpointing='auto',
+             fused_elementwise=True)
 
 # data: object boxes per image (`mllm annotate-boxes`, format in data/README.md); at most
 # `max_boxes` object tokens per image. template=None: the LLM's chat template, not `plain` —
