@@ -73,6 +73,9 @@ def test_fused_runs_eager_on_cpu_by_default(monkeypatch):
     model(input_ids=torch.zeros(1, 4, dtype=torch.long))
     assert compiled == []
     monkeypatch.setattr(llms, 'COMPILE_ON_CPU', True)
+    with torch.no_grad():  # evaluation and generation: HF's own values
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert compiled == []
     model(input_ids=torch.zeros(1, 4, dtype=torch.long))
     assert llms._rms_norm in compiled and llms._silu_mul in compiled
 

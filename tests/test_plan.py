@@ -210,6 +210,10 @@ def test_plan_text_output_names_the_cheapest_stage(capsys):
                  '--gpu-mem', '16']) == 0
     out = capsys.readouterr().out
     assert 'cheapest stage that fits: zero1' in out and 'zero3_offload' in out
+    assert main(['plan', 'llava15_vicuna7b_finetune']) == 0  # 'auto': the per-batch room
+    assert ('each micro-batch checkpoints what its own tokens need within the 43.5 GB it '
+            "leaves for the LLM's activations (zero2; 132,232 B per token") in (
+        capsys.readouterr().out)
 
 
 def test_plan_reads_real_lengths_from_the_token_cache(tmp_path, capsys):

@@ -648,11 +648,18 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
     model_cfg.pop('lora', None)
     if model_cfg.get('gradient_checkpointing') == 'auto':  # the plan for 8 x 80 GB, ZeRO-2
         from mllm.bench.memory import plan_memory
-        row = plan_memory(cfg, gpus=gpus)['stages']['zero2']
+        plan = plan_memory(cfg, gpus=gpus)
+        row = plan['stages']['zero2']
         model_cfg['gradient_checkpointing'] = dict(llm=row['checkpoint_layers'],
                                                    vision=row['checkpoint_vision'])
+        if row.get('llm_activation_room_gb', 0) > 0:  # as `mllm train` resolves it
+            model_cfg['gradient_checkpointing']['per_batch'] = dict(
+                room_gb=row['llm_activation_room_gb'], **plan['llm_bytes_per_token'])
     torch.manual_seed(0)
-    model = MODELS.build(model_cfg).to(device, dtype).train()
+    # built on the device: a 7B model's random init on the host took over a minute
+    with torch.device(device):
+        model = MODELS.build(model_cfg)
+    model.to(device, dtype).train()
     processor = TRANSFORMS.build(cfg.image_processor)
     llm_cfg = model.llm.config
     batch = batch or cfg.train_dataloader.batch_size
@@ -686,7 +693,8 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
                   batch=batch, seq_len=seq, visual_tokens=visual, step_s=step,
                   tokens_per_s=batch * seq / step, tflops=achieved / 1e12,
                   flops_per_sample=flops, mfu_vs_a100=mfu, samples=DATASET_SAMPLES[stage],
-                  gradient_checkpointing=model_cfg.get('gradient_checkpointing'))
+                  gradient_checkpointing=model_cfg.get('gradient_checkpointing'),
+                  checkpointed_layers=getattr(model, 'checkpointed_layers', None))
     result['projected_hours_8xA100'] = project_hours(flops, DATASET_SAMPLES[stage], min(mfu, 1.0),
                                                      gpus=gpus)
     if cuda:

@@ -85,8 +85,8 @@ class LLaVAModel(BaseModel):
             learned (exact: nothing reads the other positions). Defaults to True; False is
             HF's full last layer, for comparison.
         fused_elementwise: run the LLM's RMSNorms and SwiGLU products as compiled kernels
-            on CUDA (``mllm.models.llms.fuse_elementwise``): fewer memory passes and less
-            activation memory per layer. Defaults to False (HF's modules).
+            when training on CUDA (``mllm.models.llms.fuse_elementwise``): fewer memory
+            passes and less activation memory per layer. Defaults to False (HF's modules).
     """
 
     def __init__(self,

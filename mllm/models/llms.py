@@ -314,9 +314,11 @@ def _compiled(fn):
 
 def _fused(fn, *args):
     """``fn`` compiled (one kernel forward, one backward; autograd keeps the inputs and
-    recomputes the rest) on CUDA, eager elsewhere: on CPU the compile costs more than it
-    saves."""
-    return (_compiled(fn) if args[0].is_cuda or COMPILE_ON_CPU else fn)(*args)
+    recomputes the rest) when training on CUDA; eager on CPU, where the compile costs more
+    than it saves, and without gradients (evaluation, chat, generate), so that inference
+    gives HF's values to the bit, as the exported model will."""
+    compiled = (args[0].is_cuda or COMPILE_ON_CPU) and torch.is_grad_enabled()
+    return (_compiled(fn) if compiled else fn)(*args)
 
 
 def _fused_norm_forward(self, hidden_states):
@@ -332,7 +334,8 @@ def _fused_mlp_forward(self, x):
 
 
 def fuse_elementwise(llm: torch.nn.Module, enabled: bool = True) -> int:
-    """Run each RMSNorm and each SwiGLU product of the LLM as one compiled kernel on CUDA.
+    """Run each RMSNorm and each SwiGLU product of the LLM as one compiled kernel when
+    training on CUDA (``_fused``: evaluation and generation keep HF's ops).
 
     transformers' RMSNorm is six memory-bound kernels forward and keeps an fp32 copy of its
     input plus the bf16 normalised input for the backward (6 bytes per element more than
