@@ -437,12 +437,13 @@ REMOTE_CODE_DIR = os.path.join(os.path.dirname(__file__), 'remote_code')
 # architecture -> (modeling files written next to the weights, the one auto_map names,
 # its config and model classes, its processor class or None for transformers' LlavaProcessor)
 REMOTE_CODE_FILES = {
-    'convllava': (['modeling_mllm_convllava'], 'modeling_mllm_convllava',
+    'convllava': (['modeling_mllm_common', 'modeling_mllm_convllava'], 'modeling_mllm_convllava',
                   'MllmConvLlavaConfig', 'MllmConvLlavaForCausalLM', None),
-    'mgllava': (['modeling_mllm_convllava', 'modeling_mllm_mgllava'], 'modeling_mllm_mgllava',
-                'MllmMgLlavaConfig', 'MllmMgLlavaForCausalLM', 'MllmMgLlavaProcessor'),
-    'uhd': (['modeling_mllm_uhd'], 'modeling_mllm_uhd', 'MllmUhdConfig', 'MllmUhdForCausalLM',
-            'MllmUhdProcessor'),
+    'mgllava': (['modeling_mllm_common', 'modeling_mllm_convllava', 'modeling_mllm_mgllava'],
+                'modeling_mllm_mgllava', 'MllmMgLlavaConfig', 'MllmMgLlavaForCausalLM',
+                'MllmMgLlavaProcessor'),
+    'uhd': (['modeling_mllm_common', 'modeling_mllm_uhd'], 'modeling_mllm_uhd', 'MllmUhdConfig',
+            'MllmUhdForCausalLM', 'MllmUhdProcessor'),
 }
 
 

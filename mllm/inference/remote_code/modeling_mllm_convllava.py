@@ -1,6 +1,6 @@
 """ConvLLaVA (a ConvNeXt vision tower, optionally with ConvLLaVA's 5th stage, + mlp2x_gelu
 projector + a causal LLM) for plain transformers, written next to the weights by
-``mllm convert pth-to-hf ... --format remote_code``:
+``mllm convert pth-to-hf ... --format remote_code`` with ``modeling_mllm_common.py``:
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder)  # transformers' own LlavaProcessor
@@ -16,8 +16,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.generation import GenerationMixin
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .modeling_mllm_common import MllmForCausalLMBase
 
 
 class MllmConvLlavaConfig(PretrainedConfig):
@@ -125,11 +126,9 @@ class MLPProjector(nn.Module):
         return x
 
 
-class MllmConvLlavaForCausalLM(PreTrainedModel, GenerationMixin):
+class MllmConvLlavaForCausalLM(MllmForCausalLMBase):
     config_class = MllmConvLlavaConfig
     base_model_prefix = 'mllm_convllava'
-    _supports_sdpa = True
-    _supports_attention_backend = True
 
     def __init__(self, config: MllmConvLlavaConfig):
         super().__init__(config)
@@ -139,33 +138,9 @@ class MllmConvLlavaForCausalLM(PreTrainedModel, GenerationMixin):
                                       config.text_config.hidden_size, config.projector_depth)
         self.post_init()
 
-    def _init_weights(self, module):
-        pass  # every weight comes from the checkpoint
-
-    def get_input_embeddings(self):
-        return self.llm.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.llm.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.llm.get_output_embeddings()
-
-    def embed_inputs(self, input_ids, pixel_values=None):
-        image_mask = input_ids == self.config.image_token_index  # (B, T)
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-        if pixel_values is None:
-            return inputs_embeds
-        feats = self.projector(self.vision_encoder(pixel_values)).flatten(0, 1)  # (sum N, C)
-        if feats.shape[0] != int(image_mask.sum()):
-            raise ValueError(f'image features and image tokens do not match: tokens '
-                             f'{int(image_mask.sum())}, features {feats.shape[0]}')
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1),
-                                            feats.to(inputs_embeds.dtype))
+    def image_features(self, pixel_values):
+        """(B, 3, H, W) -> (B * N, C_llm)."""
+        return self.projector(self.vision_encoder(pixel_values)).flatten(0, 1)
 
     def forward(self, input_ids=None, pixel_values=None, inputs_embeds=None, **kwargs):
-        """The LLM's forward on the merged embeddings; every other argument (attention mask,
-        cache, labels, ...) goes to it as is."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
-        return self.llm(inputs_embeds=inputs_embeds, **kwargs)
+        return self.forward_llm(input_ids, pixel_values, inputs_embeds, {}, kwargs)

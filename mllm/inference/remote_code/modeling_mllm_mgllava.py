@@ -1,7 +1,8 @@
 """MG-LLaVA (low-resolution CLIP + high-resolution ConvNeXt, Conv-Gate fusion, mlp2x_gelu
 projector, a causal LLM) for plain transformers, written next to the weights by
 ``mllm convert pth-to-hf ... --format remote_code`` together with
-``modeling_mllm_convllava.py`` (the ConvNeXt tower and projector, imported from there):
+``modeling_mllm_convllava.py`` (the ConvNeXt tower and projector, imported from there) and
+``modeling_mllm_common.py``:
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel,
-                          LlavaProcessor, PretrainedConfig, PreTrainedModel)
-from transformers.generation import GenerationMixin
+                          LlavaProcessor, PretrainedConfig)
 
+from .modeling_mllm_common import MllmForCausalLMBase
 from .modeling_mllm_convllava import ConvNeXtTower, MLPProjector
 
 
@@ -211,11 +212,9 @@ class MllmMgLlavaProcessor(LlavaProcessor):
         return boxes * torch.tensor([size['width'] / w, size['height'] / h] * 2)
 
 
-class MllmMgLlavaForCausalLM(PreTrainedModel, GenerationMixin):
+class MllmMgLlavaForCausalLM(MllmForCausalLMBase):
     config_class = MllmMgLlavaConfig
     base_model_prefix = 'mllm_mgllava'
-    _supports_sdpa = True
-    _supports_attention_backend = True
 
     def __init__(self, config: MllmMgLlavaConfig):
         super().__init__(config)
@@ -230,18 +229,6 @@ class MllmMgLlavaForCausalLM(PreTrainedModel, GenerationMixin):
         self.bbox_projector = MLPProjector(config.bbox_in_channels, hidden,
                                            config.bbox_projector_depth)
         self.post_init()
-
-    def _init_weights(self, module):
-        pass  # every weight comes from the checkpoint
-
-    def get_input_embeddings(self):
-        return self.llm.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.llm.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.llm.get_output_embeddings()
 
     def image_features(self, pixel_values, bboxes=None):
         """(B, 3, H, W) high-resolution images -> (sum N + n_i, C_llm): per image its fused
@@ -271,23 +258,9 @@ class MllmMgLlavaForCausalLM(PreTrainedModel, GenerationMixin):
         box_tokens = box_tokens.split([len(f) for f in box_feats])
         return torch.cat([torch.cat([g, t]) for g, t in zip(grid_tokens, box_tokens)])
 
-    def embed_inputs(self, input_ids, pixel_values=None, bboxes=None):
-        image_mask = input_ids == self.config.image_token_index  # (B, T)
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-        if pixel_values is None:  # generate's later steps: bboxes come again, images not
-            return inputs_embeds
-        feats = self.image_features(pixel_values, bboxes)
-        if feats.shape[0] != int(image_mask.sum()):
-            raise ValueError(f'image features and image tokens do not match: tokens '
-                             f'{int(image_mask.sum())}, features {feats.shape[0]}')
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1),
-                                            feats.to(inputs_embeds.dtype))
-
     def forward(self, input_ids=None, pixel_values=None, bboxes=None, inputs_embeds=None,
                 **kwargs):
-        """The LLM's forward on the merged embeddings; ``bboxes``: one (n_i, 4) tensor of
-        xyxy pixels of ``pixel_values`` per image (the processor's), or None. Every other
-        argument (attention mask, cache, labels, ...) goes to the LLM as is."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, bboxes)
-        return self.llm(inputs_embeds=inputs_embeds, **kwargs)
+        """``bboxes``: one (n_i, 4) tensor of xyxy pixels of ``pixel_values`` per image (the
+        processor's), or None; generate passes them again at later steps, without images."""
+        return self.forward_llm(input_ids, pixel_values, inputs_embeds, dict(bboxes=bboxes),
+                                kwargs)

@@ -1,6 +1,6 @@
 """LLaVA-UHD (CLIP ViT on native-resolution slices + an overview, a perceiver resampler, a
 causal LLM) for plain transformers, written next to the weights by
-``mllm convert pth-to-hf ... --format remote_code``:
+``mllm convert pth-to-hf ... --format remote_code`` with ``modeling_mllm_common.py``:
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, BatchFeature, CLIPVisionConfig,
-                          CLIPVisionModel, PretrainedConfig, PreTrainedModel)
-from transformers.generation import GenerationMixin
+                          CLIPVisionModel, PretrainedConfig)
+
+from .modeling_mllm_common import MllmForCausalLMBase
 from transformers.processing_utils import ProcessorMixin
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -337,11 +338,9 @@ class Resampler(nn.Module):
         return self.ln_post(out) @ self.proj
 
 
-class MllmUhdForCausalLM(PreTrainedModel, GenerationMixin):
+class MllmUhdForCausalLM(MllmForCausalLMBase):
     config_class = MllmUhdConfig
     base_model_prefix = 'mllm_uhd'
-    _supports_sdpa = True
-    _supports_attention_backend = True
 
     def __init__(self, config: MllmUhdConfig):
         super().__init__(config)
@@ -350,18 +349,6 @@ class MllmUhdForCausalLM(PreTrainedModel, GenerationMixin):
         self.projector = Resampler(self.vision_encoder.model.config.hidden_size,
                                    config.text_config.hidden_size, **config.resampler_config)
         self.post_init()
-
-    def _init_weights(self, module):
-        pass  # every weight comes from the checkpoint
-
-    def get_input_embeddings(self):
-        return self.llm.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.llm.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.llm.get_output_embeddings()
 
     def image_features(self, pixel_values, image_sizes=None) -> torch.Tensor:
         """(U, 3, H, W) units (each cropped to its ``image_sizes`` row) -> (U * Q, C_llm) in
@@ -381,22 +368,7 @@ class MllmUhdForCausalLM(PreTrainedModel, GenerationMixin):
                 feats[i] = f
         return torch.cat(feats)
 
-    def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None):
-        image_mask = input_ids == self.config.image_token_index  # (B, T)
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-        if pixel_values is None:
-            return inputs_embeds
-        feats = self.image_features(pixel_values, image_sizes)
-        if feats.shape[0] != int(image_mask.sum()):
-            raise ValueError(f'image features and image tokens do not match: tokens '
-                             f'{int(image_mask.sum())}, features {feats.shape[0]}')
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1),
-                                            feats.to(inputs_embeds.dtype))
-
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None,
                 **kwargs):
-        """The LLM's forward on the merged embeddings; every other argument (attention mask,
-        cache, labels, ...) goes to it as is."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
-        return self.llm(inputs_embeds=inputs_embeds, **kwargs)
+        return self.forward_llm(input_ids, pixel_values, inputs_embeds,
+                                dict(image_sizes=image_sizes), kwargs)
