@@ -527,6 +527,12 @@ def _remote_config(kind: str, cfg, model, image_token_id: int) -> dict:
                 box_pool_size=model.box_pool_size, box_grid_stage=model.box_grid_stage)
 
 
+def _grid_stride(kind: str, model) -> int:
+    """Pixels per visual token of the ConvNeXt grid (ConvLLaVA's tower, MG-LLaVA's
+    high-resolution one)."""
+    return (model.vision_encoder if kind == 'convllava' else model.high_res_encoder).stride
+
+
 def _remote_processor(kind: str, remote, model, tokenizer, image_processor,
                       chat_template: Optional[str]):
     """The processor the folder carries: transformers' ``LlavaProcessor`` (ConvLLaVA; MG-LLaVA
@@ -544,9 +550,9 @@ def _remote_processor(kind: str, remote, model, tokenizer, image_processor,
             separator_ids=[resolve_token_id(tokenizer, t) for t in image_processor.separators],
             image_token=IMAGE_TOKEN_TEXT)
     else:
-        stride = (model.vision_encoder if kind == 'convllava' else model.high_res_encoder).stride
         # no CLS token in the grid: 'full' and +0 give (size / stride)^2 tokens
-        processor = _llava_processor(tokenizer, image_processor, stride, 0, 'full', chat_template)
+        processor = _llava_processor(tokenizer, image_processor, _grid_stride(kind, model), 0,
+                                     'full', chat_template)
     if processor_class is not None:
         # processor_class stays LlavaProcessor for MG-LLaVA: without trust_remote_code
         # AutoProcessor still gives transformers' own
@@ -572,7 +578,7 @@ def export_remote_code(cfg, model, tokenizer, image_processor, out_dir: str, tem
 
     kind = _remote_code_kind(model, image_processor)
     if kind != 'uhd':
-        stride = (model.vision_encoder if kind == 'convllava' else model.high_res_encoder).stride
+        stride = _grid_stride(kind, model)
         if image_processor is not None and image_processor.token_stride != stride:
             raise ValueError('the image processor reserves one token per '
                              f'{image_processor.token_stride} px but the encoder has stride '
