@@ -348,8 +348,9 @@ def test_per_batch_policy_checkpoints_what_each_batch_needs_and_changes_no_value
     full = _tiny_llava(True)
     for batch, expected in ((short, 0), (long, 4), (short, 0)):
         model.zero_grad(set_to_none=True), full.zero_grad(set_to_none=True)
-        loss = model(**batch, mode='loss')['loss']
-        assert model.checkpointed_layers == expected
+        out = model(**batch, mode='loss')
+        loss = out['loss']
+        assert model.checkpointed_layers == expected == out['ckpt_layers'].item()  # logged
         assert [layer.gradient_checkpointing for layer in model.llm.model.layers] == [
             k < expected for k in range(4)]
         loss.backward()

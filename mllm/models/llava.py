@@ -232,8 +232,14 @@ class LLaVAModel(BaseModel):
         if mode == 'tensor':
             return self.llm(**kwargs).logits
         if labels is not None and self._decoder_and_head() is not None:
-            return {'loss': self._answer_loss(labels, **kwargs)}
-        return {'loss': self.llm(labels=labels, **kwargs).loss}
+            out = {'loss': self._answer_loss(labels, **kwargs)}
+        else:
+            out = {'loss': self.llm(labels=labels, **kwargs).loss}
+        if self.per_batch_checkpointing and self.training and torch.is_grad_enabled():
+            # logged beside the loss (no 'loss' in the name: not summed into it)
+            out['ckpt_layers'] = torch.tensor(float(self.checkpointed_layers),
+                                              device=out['loss'].device)
+        return out
 
     def _decoder_and_head(self):
         """(decoder, lm_head) of LLMs whose logits are just ``lm_head(hidden)`` (no logit
