@@ -5,7 +5,8 @@ LLM (``self.llm``) that runs on the merged embeddings. Needs torch and transform
 mllm.
 """
 import torch
-from transformers import PreTrainedModel
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
 from transformers.generation import GenerationMixin
 
 
@@ -49,3 +50,24 @@ class MllmForCausalLMBase(PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, **image_inputs)
         return self.llm(inputs_embeds=inputs_embeds, **kwargs)
+
+
+class CLIPTower(nn.Module):
+    """CLIP ViT patch features (CLS dropped) of hidden layer ``select_layer``."""
+
+    def __init__(self, clip_config: dict, select_layer: int):
+        super().__init__()
+        self.model = CLIPVisionModel(CLIPVisionConfig(**clip_config))
+        self.select_layer = select_layer
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.patch_size
+
+    def forward(self, pixel_values):
+        image_size = self.model.config.image_size
+        pixels = pixel_values.to(self.model.dtype)
+        # other input sizes (slices) interpolate the position embedding (bicubic)
+        out = self.model(pixels, output_hidden_states=True,
+                         interpolate_pos_encoding=tuple(pixels.shape[-2:]) != (image_size,) * 2)
+        return out.hidden_states[self.select_layer][:, 1:]

@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel,
-                          LlavaProcessor, PretrainedConfig)
+from transformers import AutoConfig, AutoModelForCausalLM, LlavaProcessor, PretrainedConfig
 
-from .modeling_mllm_common import MllmForCausalLMBase
+from .modeling_mllm_common import CLIPTower, MllmForCausalLMBase
 from .modeling_mllm_convllava import ConvNeXtTower, MLPProjector
 
 
@@ -73,21 +72,6 @@ class MllmMgLlavaConfig(PretrainedConfig):
         self.box_grid_stage = box_grid_stage
         self.image_token_index = image_token_index
         super().__init__(**kwargs)
-
-
-class CLIPTower(nn.Module):
-    """CLIP ViT patch features (CLS dropped) of hidden layer ``select_layer``."""
-
-    def __init__(self, clip_config: dict, select_layer: int):
-        super().__init__()
-        self.model = CLIPVisionModel(CLIPVisionConfig(**clip_config))
-        self.select_layer = select_layer
-
-    def forward(self, pixel_values):
-        image_size = self.model.config.image_size
-        out = self.model(pixel_values, output_hidden_states=True,
-                         interpolate_pos_encoding=tuple(pixel_values.shape[-2:]) != (image_size,) * 2)
-        return out.hidden_states[self.select_layer][:, 1:]
 
 
 class ConvGateFusion(nn.Module):

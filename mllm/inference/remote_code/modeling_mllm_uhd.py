@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, BatchFeature, CLIPVisionConfig,
-                          CLIPVisionModel, PretrainedConfig)
-
-from .modeling_mllm_common import MllmForCausalLMBase
+from transformers import AutoConfig, AutoModelForCausalLM, BatchFeature, PretrainedConfig
 from transformers.processing_utils import ProcessorMixin
+
+from .modeling_mllm_common import CLIPTower, MllmForCausalLMBase
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -259,27 +258,6 @@ class MllmUhdConfig(PretrainedConfig):
         self.resampler_config = dict(resampler_config or {})
         self.image_token_index = image_token_index
         super().__init__(**kwargs)
-
-
-class CLIPTower(nn.Module):
-    """CLIP ViT patch features (CLS dropped) of hidden layer ``select_layer``."""
-
-    def __init__(self, clip_config: dict, select_layer: int):
-        super().__init__()
-        self.model = CLIPVisionModel(CLIPVisionConfig(**clip_config))
-        self.select_layer = select_layer
-
-    @property
-    def patch_size(self) -> int:
-        return self.model.config.patch_size
-
-    def forward(self, pixel_values):
-        image_size = self.model.config.image_size
-        pixels = pixel_values.to(self.model.dtype)
-        # other input sizes (slices) interpolate the position embedding (bicubic)
-        out = self.model(pixels, output_hidden_states=True,
-                         interpolate_pos_encoding=tuple(pixels.shape[-2:]) != (image_size,) * 2)
-        return out.hidden_states[self.select_layer][:, 1:]
 
 
 def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
