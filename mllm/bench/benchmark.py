@@ -648,13 +648,11 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
     model_cfg.pop('lora', None)
     if model_cfg.get('gradient_checkpointing') == 'auto':  # the plan for 8 x 80 GB, ZeRO-2
         from mllm.bench.memory import plan_memory
-        plan = plan_memory(cfg, gpus=gpus)
-        row = plan['stages']['zero2']
+        row = plan_memory(cfg, gpus=gpus)['stages']['zero2']
         model_cfg['gradient_checkpointing'] = dict(llm=row['checkpoint_layers'],
                                                    vision=row['checkpoint_vision'])
-        if row.get('llm_activation_room_gb', 0) > 0:  # as `mllm train` resolves it
-            model_cfg['gradient_checkpointing']['per_batch'] = dict(
-                room_gb=row['llm_activation_room_gb'], **plan['llm_bytes_per_token'])
+        if 'per_batch' in row:  # as `mllm train` resolves it
+            model_cfg['gradient_checkpointing']['per_batch'] = row['per_batch']
     torch.manual_seed(0)
     # built on the device: a 7B model's random init on the host took over a minute
     with torch.device(device):

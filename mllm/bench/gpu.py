@@ -198,39 +198,33 @@ def bench_gpu(config: str = 'llava15_vicuna7b_finetune', device: Optional[str] =
     lengths = dict(text=np.array([s['tokens'] - (visual if s['image'] else 0) for s in pool]),
                    images=np.array([int(s['image']) for s in pool]),
                    learned=np.array([s['learned'] for s in pool]), source='LLaVA-665K-like mix')
-    plan_cfg = load_config(config, {'model.gradient_checkpointing': 'auto'})
-    if llm_layers:
-        plan_cfg.llm['config']['num_hidden_layers'] = llm_layers
-    plan = plan_memory(plan_cfg, gpus=plan_gpus, gpu_mem_gb=plan_gpu_mem_gb, lengths=lengths,
-                       precision='bf16' if cuda else 'fp32')
-    planned = plan['stages'][plan_stage]
+    def stage_plan(fused: bool, micro_batch: int) -> dict:
+        """The plan's row for the run the kit stands for, with or without the compiled
+        kernels (which count on CUDA, so in bf16), for SDPA as the model here runs."""
+        plan_cfg = load_config(config, {'model.gradient_checkpointing': 'auto',
+                                        'model.fused_elementwise': fused})
+        if llm_layers:
+            plan_cfg.llm['config']['num_hidden_layers'] = llm_layers
+        plan_cfg.llm['attn_implementation'] = 'sdpa'
+        plan = plan_memory(plan_cfg, gpus=plan_gpus, gpu_mem_gb=plan_gpu_mem_gb,
+                           lengths=lengths, micro_batch=micro_batch,
+                           precision='bf16' if cuda or fused else 'fp32')
+        return dict(plan['stages'][plan_stage], lengths_from=plan['lengths_from'])
+
     # the same global batch as two micro-batches of 8 (gradient accumulation): half the
     # activations, so the plan checkpoints fewer layers
     half = SAMPLES_PER_STEP // 2
-    planned_half = plan_memory(plan_cfg, gpus=plan_gpus, gpu_mem_gb=plan_gpu_mem_gb,
-                               lengths=lengths, precision='bf16' if cuda else 'fp32',
-                               micro_batch=half)['stages'][plan_stage]
-    # with the LLM's RMSNorms and SwiGLU compiled (less memory per kept layer)
-    fused_cfg = load_config(config, {'model.gradient_checkpointing': 'auto',
-                                     'model.fused_elementwise': True})  # the recipes'
-    if llm_layers:
-        fused_cfg.llm['config']['num_hidden_layers'] = llm_layers
-    fused_cfg.llm['attn_implementation'] = 'sdpa'  # as the model here runs
-    fused_plan, fused_plan_half = (
-        plan_memory(fused_cfg, gpus=plan_gpus, gpu_mem_gb=plan_gpu_mem_gb, lengths=lengths,
-                    precision='bf16', micro_batch=mb) for mb in (SAMPLES_PER_STEP, half))
-    planned_fused = fused_plan['stages'][plan_stage]
-    planned_fused_half = fused_plan_half['stages'][plan_stage]
+    planned, planned_half, planned_fused, planned_fused_half = (
+        stage_plan(fused, mb) for fused in (False, True) for mb in (SAMPLES_PER_STEP, half))
     # what `mllm train` resolves 'auto' to: the worst batch's room, each batch its layers
-    per_batch = dict(room_gb=planned_fused['llm_activation_room_gb'],
-                     **fused_plan['llm_bytes_per_token'])
+    per_batch = planned_fused['per_batch']
     layers = llm_cfg.num_hidden_layers
     if tiny:  # the tiny model fits anything: plan half its layers, to exercise the path
         planned = planned_fused = dict(planned, checkpoint_layers=layers // 2)
         planned_half = planned_fused_half = dict(planned_half, checkpoint_layers=layers // 4)
     result['plan'] = dict(gpus=plan_gpus, gpu_mem_gb=plan_gpu_mem_gb, stage=plan_stage,
                           checkpoint_layers=planned['checkpoint_layers'], llm_layers=layers,
-                          memory_gb=planned['memory_gb'], lengths_from=plan['lengths_from'],
+                          memory_gb=planned['memory_gb'], lengths_from=planned['lengths_from'],
                           micro_batch_8=dict(checkpoint_layers=planned_half['checkpoint_layers'],
                                              memory_gb=planned_half['memory_gb']),
                           fused=dict(checkpoint_layers=planned_fused['checkpoint_layers'],

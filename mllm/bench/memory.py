@@ -323,6 +323,10 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
                        _llm_block_params(report, cfg.llm),
                        # the compiled kernels run on CUDA only (bf16 runs here)
                        fused=bool(cfg.model.get('fused_elementwise')) and precision != 'fp32')
+    scale = 2 if precision == 'fp32' else 1  # activations are counted in 16-bit
+    # a kept LLM layer and a checkpointed one's input
+    bytes_per_token = dict(kept=scale * block_bytes_per_token(llm),
+                           checkpointed=scale * 2 * llm.hidden)
     llm_trains = any(t == 'llm' or t.startswith('llm.') for t in trainable) or bool(
         cfg.model.get('lora'))
     vision = None
@@ -371,10 +375,12 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
         if setting == 'auto' and llm.flash:
             # the room the LLM's activations may take in any micro-batch: what the worst
             # one leaves of the GPU after states, overhead, its logits and the vision tower
-            llm_acts = (2 if precision == 'fp32' else 1) * tower_activation_bytes(
+            llm_acts = scale * tower_activation_bytes(
                 llm, batch.tokens, batch.longest, policy['checkpoint_layers']) / GB
-            row['llm_activation_room_gb'] = round(
+            room = round(
                 gpu_mem_gb - base - policy['logits_gb'] - (policy['activations_gb'] - llm_acts), 3)
+            if room > 0:  # what `LLaVAModel(gradient_checkpointing=dict(per_batch=...))` takes
+                row['per_batch'] = dict(room_gb=room, **bytes_per_token)
         row.update(memory_gb=memory, fits=memory <= gpu_mem_gb, micro_batch=batch.micro_batch,
                    checkpoint_layers=policy['checkpoint_layers'],
                    checkpoint_vision=policy['checkpoint_vision'],
@@ -391,9 +397,7 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
                 padding_free=_collate_is_flat(cfg), answer_only_head=head,
                 gradient_checkpointing=setting, llm_layers=llm.layers,
                 median_sample_tokens=median_sample_tokens,
-                llm_bytes_per_token=dict(
-                    kept=(2 if precision == 'fp32' else 1) * block_bytes_per_token(llm),
-                    checkpointed=(2 if precision == 'fp32' else 1) * 2 * llm.hidden),
+                llm_bytes_per_token=bytes_per_token,
                 overhead_gb=overhead_gb,
                 params=report['params']['total'], trainable_params=report['trainable_params'],
                 visual_tokens=report['visual_tokens'],
@@ -483,10 +487,9 @@ def resolve_auto_checkpointing(cfg, gpus: Optional[int] = None,
     row = plan['stages']['zero1' if stage == 'none' else stage]
     policy = dict(llm=row['checkpoint_layers'], vision=row['checkpoint_vision'])
     per_batch = ''
-    if row['fits'] and row.get('llm_activation_room_gb', 0) > 0:
+    if row['fits'] and 'per_batch' in row:
         # each micro-batch checkpoints what its own tokens need within the worst one's room
-        policy['per_batch'] = dict(room_gb=row['llm_activation_room_gb'],
-                                   **plan['llm_bytes_per_token'])
+        policy['per_batch'] = row['per_batch']
         if plan.get('median_sample_tokens'):
             from mllm.models.llms import layers_to_checkpoint
             median = plan['median_sample_tokens'] * row['micro_batch']

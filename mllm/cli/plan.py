@@ -74,11 +74,11 @@ def print_table(report: dict) -> None:
         print(f'cheapest stage that fits: {cheapest}; recommended: {recommended} '
               '(least recompute at the data-parallel communication volume)')
         row = report['stages'][recommended]
-        if row.get('llm_activation_room_gb'):
+        if 'per_batch' in row:
             print(f"ckpt is for the worst micro-batch; in training each micro-batch checkpoints "
-                  f"what its own tokens need within the {row['llm_activation_room_gb']:.1f} GB "
+                  f"what its own tokens need within the {row['per_batch']['room_gb']:.1f} GB "
                   f"it leaves for the LLM's activations ({recommended}; "
-                  f"{report['llm_bytes_per_token']['kept']:,.0f} B per token in a kept layer)")
+                  f"{row['per_batch']['kept']:,.0f} B per token in a kept layer)")
     else:
         print('no stage fits: lower the per-GPU batch, enable gradient checkpointing or add GPUs')
 

@@ -221,7 +221,8 @@ class LLaVAModel(BaseModel):
                 '(mllm.bench.memory.resolve_auto_checkpointing); a model built another way needs '
                 'True, False, a layer count or dict(llm=K, vision=bool)')
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, boxes=boxes)
-        if self.per_batch_checkpointing and self.training and torch.is_grad_enabled():
+        per_batch = self.per_batch_checkpointing and self.training and torch.is_grad_enabled()
+        if per_batch:
             tokens = inputs_embeds.shape[0] * inputs_embeds.shape[1]  # padding included
             self.checkpointed_layers = set_checkpointed_layers(self.llm, layers_to_checkpoint(
                 tokens, self.llm.config.num_hidden_layers, **self.per_batch_checkpointing))
@@ -235,8 +236,7 @@ class LLaVAModel(BaseModel):
             out = {'loss': self._answer_loss(labels, **kwargs)}
         else:
             out = {'loss': self.llm(labels=labels, **kwargs).loss}
-        if self.per_batch_checkpointing and self.training and torch.is_grad_enabled():
-            # logged beside the loss (no 'loss' in the name: not summed into it)
+        if per_batch:  # logged beside the loss (no 'loss' in the name: not summed into it)
             out['ckpt_layers'] = torch.tensor(float(self.checkpointed_layers),
                                               device=out['loss'].device)
         return out
