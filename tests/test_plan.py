@@ -123,25 +123,26 @@ def test_each_stage_total_is_the_sum_of_its_parts(capsys):
 
 def test_vicuna7b_finetune_zero2_total_worked_by_hand(capsys):
     """LLaVA-1.5-7B finetune, 8 x 80 GB, ZeRO-2, 16 x 2048 tokens (no data given), with the
-    recipe's compiled RMSNorm / SwiGLU: the policy checkpoints 24 of 32 layers. By hand, in
+    recipe's compiled RMSNorm / SwiGLU: the policy checkpoints 22 of 32 layers. By hand, in
     GB:"""
     params, trainable = 7_062_902_784, 6_759_395_328  # mllm inspect
     tokens, h, i, heads = 16 * 2048, 4096, 11008, 32
     # a kept Llama layer per token, fused: bf16 norm inputs and h-wide inputs 12h, k and v
-    # 4h, RoPE 4 x 128, log-sum-exp 4 x 32, SwiGLU gate, up and product 6i, rsqrt 8
-    kept = 12 * h + 6 * i + 4 * h + 4 * 128 + 4 * heads + 8
-    assert kept == 132_232
+    # 4h, RoPE 4 x 128, log-sum-exp 4 x 32, SwiGLU gate and up 4i (the product is
+    # recomputed), rsqrt 8
+    kept = 12 * h + 4 * i + 4 * h + 4 * 128 + 4 * heads + 8
+    assert kept == 110_216
     expected = (2 * params / 1e9                       # bf16 weights, replicated
                 + 2 * trainable / 8 / 1e9              # bf16 gradients, sharded
                 + 12 * trainable / 8 / 1e9             # fp32 master + Adam moments, sharded
-                + (kept * (32 - 24) + 2 * h * 24) * tokens / 1e9  # activations
+                + (kept * (32 - 22) + 2 * h * 22) * tokens / 1e9  # activations
                 + 10 * 16 * (2048 - 576) * 32000 / 1e9  # answer-only logits (text positions)
                 + 3.0)                                 # CUDA context, fragmentation
-    assert expected == pytest.approx(77.60, abs=0.01)
+    assert expected == pytest.approx(78.51, abs=0.01)
     report = plan_json(capsys, 'llava15_vicuna7b_finetune', '--gpus', '8', '--gpu-mem', '80')
     zero2 = report['stages']['zero2']
-    assert zero2['checkpoint_layers'] == 24 and zero2['micro_batch'] == 16
-    # one more kept layer (4.06 GB) would not fit
+    assert zero2['checkpoint_layers'] == 22 and zero2['micro_batch'] == 16
+    # one more kept layer (3.34 GB) would not fit
     assert expected + (kept - 2 * h) * tokens / 1e9 > 80
     assert zero2['memory_gb'] == pytest.approx(expected, abs=0.02)
     # README: vicuna7b finetuning runs ZeRO-2, the stage with the least recompute at DDP's
@@ -212,7 +213,7 @@ def test_plan_text_output_names_the_cheapest_stage(capsys):
     assert 'cheapest stage that fits: zero1' in out and 'zero3_offload' in out
     assert main(['plan', 'llava15_vicuna7b_finetune']) == 0  # 'auto': the per-batch room
     assert ('each micro-batch checkpoints what its own tokens need within the 43.5 GB it '
-            "leaves for the LLM's activations (zero2; 132,232 B per token") in (
+            "leaves for the LLM's activations (zero2; 110,216 B per token") in (
         capsys.readouterr().out)
 
 
@@ -264,7 +265,7 @@ def test_resolve_auto_for_the_run(monkeypatch):
     # room is what that plan leaves for the LLM's activations
     from mllm.models.llms import layers_to_checkpoint
     per_batch = policy['per_batch']
-    assert per_batch['kept'] == 132_232 and per_batch['checkpointed'] == 2 * 4096
+    assert per_batch["kept"] == 110_216 and per_batch['checkpointed'] == 2 * 4096
     assert layers_to_checkpoint(16 * 2048, 32, **per_batch) == row['checkpoint_layers']
     assert per_batch['room_gb'] == pytest.approx(
         80 - sum(row[p] for p in ('weights', 'gradients', 'optimizer', 'working_set',

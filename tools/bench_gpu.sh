@@ -14,6 +14,7 @@
 #   OUT=/some/dir tools/bench_gpu.sh         # there (carry work_dirs/gpu_wheels)
 #   tools/bench_gpu.sh --tiny                # the same parts on CPU with the tiny config
 #   STEPS=0 tools/bench_gpu.sh               # part 2 alone (the recipe projections skipped)
+#   ROUNDS=3 tools/bench_gpu.sh              # part 2 times every variant 3 times (default 2)
 #
 # Missing imports (mmengine and its light dependencies) are installed from the wheels folder
 # into a temporary site directory: no network, nothing installed system-wide.
@@ -24,6 +25,7 @@ OUT=${OUT:-work_dirs/bench_gpu}
 WHEELS=${WHEELS:-work_dirs/gpu_wheels}
 BUDGET_S=${BUDGET_S:-470}
 STEPS=${STEPS:-1}
+ROUNDS=${ROUNDS:-2}
 TINY=0
 [[ "${1:-}" == "--tiny" ]] && TINY=1
 mkdir -p "$OUT"
@@ -67,7 +69,7 @@ if (( TINY )); then
   run step_tiny 120 "$PY" -m mllm bench step --config configs/tiny/tiny_llava_synthetic.py \
     --device cpu --steps 1 --batch-size 2 --text-tokens 20 --json
 else
-  run gpu 300 "$PY" -m mllm bench gpu --json \
+  run gpu 300 "$PY" -m mllm bench gpu --rounds "$ROUNDS" --json \
     || run gpu_16_layers 200 "$PY" -m mllm bench gpu --llm-layers 16 --json
   (( STEPS )) && for spec in "llava15_vicuna7b_finetune finetune" "llava15_vicuna7b_pretrain pretrain" \
               "convllava_vicuna7b_768_stage3 finetune" "llava15_vicuna13b_finetune finetune"; do
@@ -87,7 +89,7 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
         print(f'{os.path.basename(path)}: no result'); continue
     if 'variants' in r:
         print(f"{os.path.basename(path)}: {r['device']}, peak {r['matmul_peak_tflops']:.0f} TFLOP/s "
-              f"measured; mllm step / XTuner's = {r.get('mllm_step_over_xtuner', float('nan')):.3f} "
+              f"measured; mllm step ({r.get('recipes_variant')}) / XTuner's = {r.get('mllm_step_over_xtuner', float('nan')):.3f} "
               f"(goal <= 0.75); plan {r['plan']['checkpoint_layers']}/{r['plan']['llm_layers']} layers"
               f" ({r['plan'].get('micro_batch_8', {}).get('checkpoint_layers')} at micro-batch 8)")
         for name, v in r['variants'].items():

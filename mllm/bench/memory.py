@@ -27,9 +27,10 @@ by tensor (``tests/test_plan.py`` counts them again in ``LlamaDecoderLayer`` and
         two RMSNorms each keep an fp32 copy (8h), q / attention output / o_proj and MLP
         inputs (12h), k and v (4kv), RoPE's cos and sin (4d), SDPA's fp32 log-sum-exp (4a),
         SwiGLU's gate, up, SiLU and product (8i)
-    the same, fused_elementwise:         (12·h + 6·i + 4·kv + 4·d + 4·a + 8)·T bytes
+    the same, fused_elementwise:         (12·h + 4·i + 4·kv + 4·d + 4·a + 8)·T bytes
         each compiled RMSNorm keeps its bf16 input instead of the two copies, the compiled
-        SwiGLU recomputes SiLU in the backward
+        SwiGLU recomputes SiLU in the backward and the product for down_proj's (gate and
+        up kept, 4i)
     CLIP-style encoder layer (SDPA):    (16·h + 6·i + 4·a + 8)·T bytes
     a block without a known MLP width:  34·T·h (Korthikanti et al. 2022)
     eager attention adds 5·a·s·T bytes (the s×s scores, softmax and dropout mask)
@@ -99,7 +100,7 @@ def block_bytes_per_token(t: Transformer) -> float:
     head_dim = h // t.heads
     if t.gated:
         kv = (t.kv_heads or t.heads) * head_dim
-        norms_and_mlp = 12 * h + 6 * t.intermediate if t.fused else 20 * h + 8 * t.intermediate
+        norms_and_mlp = 12 * h + 4 * t.intermediate if t.fused else 20 * h + 8 * t.intermediate
         return norms_and_mlp + 4 * kv + 4 * head_dim + 4 * t.heads + 8
     return 16 * h + 6 * t.intermediate + 4 * t.heads + 8
 

@@ -35,6 +35,9 @@ def add_arguments(parser):
                         'step: timed steps (default 3); memory: iterations (default 4)')
     parser.add_argument('--batch-size', type=int, help='train: samples per batch (default 16); '
                         "step: per-device batch (default: the config's)")
+    parser.add_argument('--rounds', type=int, default=2,
+                        help='gpu: timing rounds, every other one in reverse order; each '
+                        "variant keeps its best (default 2)")
     parser.add_argument('--llm-layers', type=int, help='train: tiny LLM depth (default 2)')
     parser.add_argument('--sampler', choices=['grouped', 'random'], default='grouped',
                         help="train: XTuner's finetune sampler (length-grouped, default) or "
@@ -115,7 +118,8 @@ def run(args) -> int:
             from mllm.bench.gpu import bench_gpu
             result = bench_gpu(config=args.config or 'llava15_vicuna7b_finetune',
                                device=args.device, steps=args.steps or 3,
-                               llm_layers=args.llm_layers, tiny=args.tiny)
+                               llm_layers=args.llm_layers, tiny=args.tiny,
+                               rounds=args.rounds)
         elif args.mode == 'memory':
             result = benchmark.bench_memory(work_dir, stages=args.stages,
                                             iters=args.steps or 4)

@@ -1,6 +1,6 @@
 """Language models and tokenizers from Hugging Face folders or architecture dicts."""
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import transformers
@@ -317,8 +317,11 @@ def _fused(fn, *args):
     recomputes the rest) when training on CUDA; eager on CPU, where the compile costs more
     than it saves, and without gradients (evaluation, chat, generate), so that inference
     gives HF's values to the bit, as the exported model will."""
-    compiled = (args[0].is_cuda or COMPILE_ON_CPU) and torch.is_grad_enabled()
-    return (_compiled(fn) if compiled else fn)(*args)
+    return (_compiled(fn) if _compiled_mode(args[0]) else fn)(*args)
+
+
+def _compiled_mode(tensor: torch.Tensor) -> bool:
+    return (tensor.is_cuda or COMPILE_ON_CPU) and torch.is_grad_enabled()
 
 
 def _fused_norm_forward(self, hidden_states):
@@ -330,7 +333,59 @@ def _fused_mlp_forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     else:
         gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(_fused(_silu_mul, gate, up))
+    product = _fused(_silu_mul, gate, up)
+    # The compiled product's backward keeps only gate and up; down_proj would keep the
+    # product too (2i bytes a token). It is one pointwise kernel of what is kept anyway, so
+    # down_proj's backward gets it recomputed instead. Not in eager mode, whose SiLU keeps
+    # more than the planner's fused count, nor inside a checkpointed layer: checkpoint's
+    # hooks keep nothing there, and ours would keep gate and up alive.
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not _compiled_mode(product) or (
+            outer is not None and getattr(outer[0], '__module__', '') == 'torch.utils.checkpoint'):
+        return self.down_proj(product)
+    with torch.autograd.graph.saved_tensors_hooks(*_recomputed_product(product, gate, up, outer)):
+        return self.down_proj(product)
+
+
+class _Recompute(NamedTuple):
+    """A saved view of the SwiGLU product, kept as what rebuilds it."""
+    gate: object
+    up: object
+    size: torch.Size
+    stride: Tuple[int, ...]
+    offset: int
+
+
+def _recomputed_product(product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                        outer: Optional[tuple] = None):
+    """saved_tensors_hooks that store any view of ``product`` (the linear may save its
+    input reshaped) as gate and up, and rebuild it with the same compiled kernel: the same
+    bits as the forward's (tests/test_fused.py). No reference to ``product`` is held.
+    ``outer``: hooks already active (offloading, counting), through which everything kept
+    here still goes."""
+    storage = product.untyped_storage().data_ptr()
+    layout = (product.size(), product.stride(), product.storage_offset())
+    outer_pack, outer_unpack = outer or (lambda t: t, lambda t: t)
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() != storage:
+            return outer_pack(tensor)
+        return _Recompute(outer_pack(gate), outer_pack(up), tensor.size(), tensor.stride(),
+                          tensor.storage_offset())
+
+    def unpack(packed):
+        if not isinstance(packed, _Recompute):
+            return outer_unpack(packed)
+        with torch.no_grad():
+            full = _compiled(_silu_mul)(outer_unpack(packed.gate), outer_unpack(packed.up))
+        # as_strided would misread a product laid out otherwise than the forward's
+        if (full.size(), full.stride(), full.storage_offset()) != layout:
+            raise RuntimeError(f'fused SwiGLU: the recomputed product has the layout '
+                               f'{full.size(), full.stride(), full.storage_offset()}, the '
+                               f'forward\'s {layout}')
+        return full.as_strided(packed.size, packed.stride, packed.offset)
+
+    return pack, unpack
 
 
 def fuse_elementwise(llm: torch.nn.Module, enabled: bool = True) -> int:
@@ -340,10 +395,11 @@ def fuse_elementwise(llm: torch.nn.Module, enabled: bool = True) -> int:
     transformers' RMSNorm is six memory-bound kernels forward and keeps an fp32 copy of its
     input plus the bf16 normalised input for the backward (6 bytes per element more than
     its bf16 input); SwiGLU keeps SiLU's output besides the gate and the up projection.
-    Compiled, each keeps only its inputs (and the fp32 reciprocal norm), which takes 8h + 2i
-    bytes per token off every kept layer (``mllm.bench.memory``), and reads the activations
-    once. The forward's values are the same ops in the same precision; the compiled
-    reduction may round differently in the last bit. ``enabled=False`` restores HF's
+    Compiled, each keeps only its inputs (and the fp32 reciprocal norm), and down_proj's
+    backward recomputes the product rather than keep it, which takes 8h + 4i bytes per token
+    off every kept layer (``mllm.bench.memory``), and reads the activations once. The
+    forward's values are the same ops in the same precision; the compiled reduction may
+    round differently in the last bit. ``enabled=False`` restores HF's
     forwards. Returns how many modules run fused; a model with none is an error.
     """
     count = 0
