@@ -262,12 +262,24 @@ def test_collapse_image_runs():
         [1, -200, 7], [-100, -100, 7])
 
 
-def test_bench_train_cli_json(tmp_path, capsys):
-    """A short side-by-side run: JSON keys, same samples per step, equal losses."""
+def test_bench_train_cli_json(tmp_path, capsys, monkeypatch):
+    """A short side-by-side run: JSON keys, same samples per step, equal losses; each path
+    recomputes what it claims (XTuner every LLM layer, mllm its per-step layers), counted
+    as attention calls: both models train in training mode, as their runners set it."""
+    from transformers.models.llama import modeling_llama
+
     from mllm.cli import main
+    attention = modeling_llama.LlamaAttention.forward
+    calls = []
+    monkeypatch.setattr(modeling_llama.LlamaAttention, 'forward',
+                        lambda self, *a, **k: calls.append(1) or attention(self, *a, **k))
     assert main(['bench', 'train', '--json', '--steps', '3', '--batch-size', '4',
-                 '--samples', '24', '--work-dir', str(tmp_path)]) == 0
+                 '--samples', '24', '--llm-layers', '4', '--checkpointing',
+                 '--work-dir', str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    recomputed = result['checkpoint_layers_per_step']
+    assert len(recomputed) == 3 and result['xtuner_checkpointing']
+    assert len(calls) == 3 * 2 * 4 + sum(4 + k for k in recomputed)
     assert {'mllm_tokens_per_s', 'xtuner_tokens_per_s', 'ratio'} <= set(result)
     assert result['same_samples'] is True
     assert result['ratio'] == pytest.approx(result['mllm_tokens_per_s'] /

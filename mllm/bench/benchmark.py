@@ -259,7 +259,9 @@ class _Path:
 
     def __init__(self, name, model, dataset, collate, batches, lr):
         from torch.utils.data import DataLoader
-        self.name, self.model = name, model
+        # training mode throughout, as both runners set it: from_pretrained leaves the LLM in
+        # eval mode, where HF's layers skip gradient checkpointing (no recompute on any path)
+        self.name, self.model = name, model.train()
         self.loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                       num_workers=0))
         params = [p for p in model.parameters() if p.requires_grad]
