@@ -100,7 +100,10 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
                   f"ckpt {v.get('checkpoint_layers_per_batch') or v['checkpoint_layers']}  rounds "
                   + ' '.join(f'{t:.3f}' for t in v.get('round_step_s', []))))
     else:
-        print(f"{os.path.basename(path)}: step {r.get('step_s', 0):.3f}s, "
-              f"MFU(A100) {r.get('mfu_vs_a100', 0):.3f}")
+        mfu = (f"MFU {r['mfu']:.3f} of the measured peak" if 'mfu' in r
+               else f"MFU(A100) {r.get('mfu_vs_a100', 0):.3f}")
+        print(f"{os.path.basename(path)}: step {r.get('step_s', 0):.3f}s, {mfu}, "
+              f"ckpt {r.get('checkpointed_layers')}, "
+              f"{r.get('projected_hours_8xA100', 0):.1f} h an epoch on 8 x A100 (projected)")
 PYEOF
 log "done in $(( $(date +%s) - START ))s; results in $OUT"
