@@ -229,3 +229,13 @@ def test_bench_gpu_imports_only_what_the_gpu_image_has(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert {'xtuner_way', 'mllm'} <= set(result['variants'])
     assert all('error' not in v for v in result['variants'].values())
+
+
+def test_datasheet_peaks_for_the_a100_projection():
+    """bench step projects A100 hours at the device's MFU against its own datasheet."""
+    from mllm.bench.benchmark import datasheet_bf16_peak
+    assert datasheet_bf16_peak('NVIDIA A100-SXM4-80GB') == 312e12
+    assert datasheet_bf16_peak('NVIDIA H100 PCIe') == 756e12
+    assert datasheet_bf16_peak('NVIDIA H100 80GB HBM3') == 989e12
+    assert datasheet_bf16_peak('NVIDIA H200') == 989e12
+    assert datasheet_bf16_peak('cpu') is None

@@ -94,6 +94,19 @@ def test_swiglu_product_is_recomputed_bit_for_bit(model_type, compile_on_cpu, mo
         assert torch.equal(checkpointed_grads[name], grad), name
 
 
+def test_in_place_change_before_the_backward_is_still_an_error(compile_on_cpu):
+    """Under saved-tensor hooks autograd stops checking saved tensors' versions; the
+    recompute's hooks check them instead, as autograd would without them."""
+    model = _tiny('llama').train()
+    fuse_elementwise(model)
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    loss = model(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    with pytest.raises(RuntimeError, match=r'modified by an inplace operation.*fused SwiGLU'):
+        loss.backward()
+
+
 def test_fused_runs_eager_on_cpu_by_default(monkeypatch):
     """CPU training (the tiny configs, CI) pays no compile; the fused forwards still run."""
     compiled = []

@@ -70,7 +70,7 @@ if (( TINY )); then
     --device cpu --steps 1 --batch-size 2 --text-tokens 20 --json
 else
   run gpu 300 "$PY" -m mllm bench gpu --rounds "$ROUNDS" --json \
-    || run gpu_16_layers 200 "$PY" -m mllm bench gpu --llm-layers 16 --json
+    || run gpu_16_layers 200 "$PY" -m mllm bench gpu --llm-layers 16 --rounds "$ROUNDS" --json
   (( STEPS )) && for spec in "llava15_vicuna7b_finetune finetune" "llava15_vicuna7b_pretrain pretrain" \
               "convllava_vicuna7b_768_stage3 finetune" "llava15_vicuna13b_finetune finetune"; do
     read -r recipe stage <<< "$spec"
@@ -90,8 +90,10 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
     if 'variants' in r:
         print(f"{os.path.basename(path)}: {r['device']}, peak {r['matmul_peak_tflops']:.0f} TFLOP/s "
               f"measured; mllm step ({r.get('recipes_variant')}) / XTuner's = {r.get('mllm_step_over_xtuner', float('nan')):.3f} "
-              f"(goal <= 0.75); plan {r['plan']['checkpoint_layers']}/{r['plan']['llm_layers']} layers"
-              f" ({r['plan'].get('micro_batch_8', {}).get('checkpoint_layers')} at micro-batch 8)")
+              f"(goal <= 0.75); worst-batch plan {r['plan']['checkpoint_layers']}/{r['plan']['llm_layers']}"
+              f" layers, fused {r['plan'].get('fused', {}).get('checkpoint_layers')}"
+              f" ({r['plan'].get('micro_batch_8', {}).get('checkpoint_layers')} and "
+              f"{r['plan'].get('fused_micro_batch_8', {}).get('checkpoint_layers')} at micro-batch 8)")
         for name, v in r['variants'].items():
             print(f"  {name:<24} " + (v['error'] if 'error' in v else
                   f"step {v['step_s']:.3f}s ({v.get('over_xtuner', float('nan')):.3f}x)  "

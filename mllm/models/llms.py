@@ -337,23 +337,44 @@ def _fused_mlp_forward(self, x):
     # The compiled product's backward keeps only gate and up; down_proj would keep the
     # product too (2i bytes a token). It is one pointwise kernel of what is kept anyway, so
     # down_proj's backward gets it recomputed instead. Not in eager mode, whose SiLU keeps
-    # more than the planner's fused count, nor inside a checkpointed layer: checkpoint's
-    # hooks keep nothing there, and ours would keep gate and up alive.
+    # more than the planner's fused count; not when gate and up need no gradient (nothing
+    # keeps them then); not inside a checkpointed layer: checkpoint's hooks keep nothing
+    # there, and ours would keep gate and up alive.
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if not _compiled_mode(product) or (
-            outer is not None and getattr(outer[0], '__module__', '') == 'torch.utils.checkpoint'):
+    if (not _compiled_mode(product) or not (gate.requires_grad or up.requires_grad)
+            or (outer is not None
+                and getattr(outer[0], '__module__', '').startswith(CHECKPOINT_HOOK_MODULES))):
         return self.down_proj(product)
     with torch.autograd.graph.saved_tensors_hooks(*_recomputed_product(product, gate, up, outer)):
         return self.down_proj(product)
 
 
+# where the saved-tensor hooks of activation checkpointing live (PyTorch's non-reentrant
+# checkpoint, DeepSpeed's)
+CHECKPOINT_HOOK_MODULES = ('torch.utils.checkpoint', 'deepspeed')
+
+
 class _Recompute(NamedTuple):
     """A saved view of the SwiGLU product, kept as what rebuilds it."""
-    gate: object
-    up: object
     size: torch.Size
     stride: Tuple[int, ...]
     offset: int
+
+
+class _Saved(NamedTuple):
+    """Any other saved tensor, with its version: under saved-tensor hooks autograd no
+    longer checks that a saved tensor was not modified in place before the backward."""
+    tensor: torch.Tensor
+    version: int
+
+
+def _check_version(tensor: torch.Tensor, version: int) -> torch.Tensor:
+    if tensor._version != version:
+        raise RuntimeError(
+            f'one of the variables needed for gradient computation has been modified by an '
+            f'inplace operation: {tuple(tensor.shape)} {tensor.dtype} is at version '
+            f'{tensor._version}; expected version {version} instead (fused SwiGLU down_proj)')
+    return tensor
 
 
 def _recomputed_product(product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
@@ -362,22 +383,29 @@ def _recomputed_product(product: torch.Tensor, gate: torch.Tensor, up: torch.Ten
     input reshaped) as gate and up, and rebuild it with the same compiled kernel: the same
     bits as the forward's (tests/test_fused.py). No reference to ``product`` is held.
     ``outer``: hooks already active (offloading, counting), through which everything kept
-    here still goes."""
+    here still goes, gate and up once; without them, each saved tensor's version is
+    checked in the backward as autograd would."""
     storage = product.untyped_storage().data_ptr()
     layout = (product.size(), product.stride(), product.storage_offset())
-    outer_pack, outer_unpack = outer or (lambda t: t, lambda t: t)
+    sources = {}  # gate and up as kept, packed on the first saved view of the product
 
     def pack(tensor):
-        if tensor.untyped_storage().data_ptr() != storage:
-            return outer_pack(tensor)
-        return _Recompute(outer_pack(gate), outer_pack(up), tensor.size(), tensor.stride(),
-                          tensor.storage_offset())
+        plain = type(tensor) in (torch.Tensor, torch.nn.Parameter)  # subclasses: not ours
+        if not plain or tensor.untyped_storage().data_ptr() != storage:
+            return outer[0](tensor) if outer else _Saved(tensor, tensor._version)
+        if not sources:
+            sources['kept'] = ((outer[0](gate), outer[0](up)) if outer else
+                               (_Saved(gate, gate._version), _Saved(up, up._version)))
+        return _Recompute(tensor.size(), tensor.stride(), tensor.storage_offset())
+
+    def restore(packed):
+        return (outer[1](packed) if outer else _check_version(*packed))
 
     def unpack(packed):
         if not isinstance(packed, _Recompute):
-            return outer_unpack(packed)
+            return restore(packed)
         with torch.no_grad():
-            full = _compiled(_silu_mul)(outer_unpack(packed.gate), outer_unpack(packed.up))
+            full = _compiled(_silu_mul)(*map(restore, sources['kept']))
         # as_strided would misread a product laid out otherwise than the forward's
         if (full.size(), full.stride(), full.storage_offset()) != layout:
             raise RuntimeError(f'fused SwiGLU: the recomputed product has the layout '
