@@ -48,6 +48,11 @@ def test_projection_terms_add_up():
     assert 0 < terms['recompute'] < 0.25 * 1 / 3 * 1.01
     # XTuner's step over mllm's is 1 / (1 - the removed share)
     assert terms['xtuner_step_over_mllm'] == pytest.approx(1 / (1 - parts), rel=1e-9)
+    # per-batch recompute: the share mllm recomputed on average, not the worst batch's
+    per_batch = project_terms_7b(dict(result, checkpoint_layers_per_step=[2, 6, 4, 4]),
+                                 dict(checkpoint_layers=6, layers=8))
+    assert per_batch['checkpointed_share'] == 0.5
+    assert per_batch['xtuner_step_over_mllm'] > terms['xtuner_step_over_mllm']
 
 
 @pytest.mark.slow  # ~60 s on a shared CPU

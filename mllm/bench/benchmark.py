@@ -538,7 +538,9 @@ def project_terms_7b(result: dict, policy: Optional[dict]) -> dict:
 
     XTuner: padded batches, logits and the last layer's MLP at every position, every layer
     recomputed (1/3 of a step that trains the LLM). mllm: real tokens only, head and last
-    MLP at answer positions, recompute of the planned share of the layers.
+    MLP at answer positions, recompute of the share of the layers the benchmark's policy
+    checkpointed (per step, when each batch chose its own). The fused elementwise kernels
+    are not in this FLOP model.
     """
     h, i, vocab, layers = 4096, 11008, 32000, 32
     layer = 2 * (4 * h * h + 3 * h * i)  # forward FLOPs per token
@@ -550,7 +552,11 @@ def project_terms_7b(result: dict, policy: Optional[dict]) -> dict:
     # forward FLOPs over the timed tokens
     xtuner_fwd = padded * (layers * layer + head)
     mllm_fwd = tokens * layers * layer - (tokens - answers) * mlp + answers * head
-    share = (policy or {}).get('checkpoint_layers', layers) / (policy or {}).get('layers', layers)
+    # the share of layers mllm recomputed: per step when each batch chose its own
+    per_step = result.get('checkpoint_layers_per_step')
+    share = ((statistics.mean(per_step) if per_step else
+              (policy or {}).get('checkpoint_layers', layers))
+             / (policy or {}).get('layers', layers))
     xtuner_step = 3 * xtuner_fwd + padded * layers * layer
     mllm_step = 3 * mllm_fwd + share * tokens * layers * layer
     return dict(
