@@ -251,8 +251,9 @@ def build_runner(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'n
         use_deepspeed(cfg, deepspeed)
     # model.gradient_checkpointing='auto': the memory plan's layers for this run's GPUs,
     # ZeRO stage, micro-batch and data lengths
+    plan_messages = []
     if plan_checkpointing is not None:
-        plan_checkpointing(cfg, logger=lambda msg: print_log(msg, logger='current'))
+        plan_checkpointing(cfg, logger=plan_messages.append)
     hooks = [*(cfg.get('custom_hooks') or [])]
     if launcher != 'none':  # log the mean loss over ranks, not rank 0's
         hooks.append(dict(type='RankMeanLossHook'))
@@ -264,7 +265,12 @@ def build_runner(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'n
     cfg.custom_hooks = hooks
     patches.apply_all(cfg, launcher)
     if cfg.get('runner_type') == 'FlexibleRunner':
-        from mmengine.runner import FlexibleRunner
-        return FlexibleRunner.from_cfg(cfg)
-    from mmengine.runner import Runner
-    return Runner.from_cfg(cfg)
+        from mmengine.runner import FlexibleRunner as Runner
+    else:
+        from mmengine.runner import Runner
+    runner = Runner.from_cfg(cfg)
+    # through the run's own logger: into this run's log file, not only onto the console
+    # (before the runner exists, 'current' is the default logger or an earlier run's)
+    for message in plan_messages:
+        runner.logger.info(message)
+    return runner
