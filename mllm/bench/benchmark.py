@@ -361,7 +361,7 @@ def planned_checkpointing(llm_config: dict, batches: List[List[int]], lengths: L
     """mllm's policy for the benchmark's model: the fewest checkpointed layers whose
     activations over the worst batch fit ``room`` x the un-checkpointed activations
     (``mllm.bench.memory.plan_policy``, fp32)."""
-    from mllm.bench.memory import (Batch, Transformer, activation_gb, block_bytes_per_token,
+    from mllm.bench.memory import (Batch, Transformer, activation_gb, llm_bytes_per_token,
                                    plan_policy)
     c = dict(TINY_LLM, **llm_config)
     h = c['hidden_size']
@@ -374,8 +374,7 @@ def planned_checkpointing(llm_config: dict, batches: List[List[int]], lengths: L
     none = activation_gb(llm, 0, batch, 0, precision='fp32')['activations_gb']
     policy = plan_policy(room * none, llm, 0, batch, True, precision='fp32')
     # as `mllm train` resolves 'auto': each batch its own layers within the worst one's room
-    per_batch = dict(room_gb=room * none, kept=2 * block_bytes_per_token(llm),
-                     checkpointed=2 * 2 * h)  # fp32
+    per_batch = dict(room_gb=room * none, **llm_bytes_per_token(llm, precision='fp32'))
     return dict(policy, per_batch=per_batch, budget_mb=room * none * 1e3,
                 activations_without_checkpointing_mb=none * 1e3,
                 worst_batch_tokens=batch.tokens, layers=llm.layers)
@@ -573,11 +572,6 @@ A100_BF16_PEAK = 312e12  # dense bf16 tensor-core FLOP/s, NVIDIA A100 datasheet
 # dense bf16 datasheet peaks by device name (SXM unless named): MFU in the usual sense
 DATASHEET_BF16_PEAKS = (('A100', 312e12), ('H100 PCIe', 756e12), ('H100', 989e12),
                         ('H200', 989e12))
-
-
-def datasheet_bf16_peak(device_name: str) -> Optional[float]:
-    """The datasheet's dense bf16 FLOP/s of a known NVIDIA device, else None."""
-    return next((peak for name, peak in DATASHEET_BF16_PEAKS if name in device_name), None)
 # Samples per epoch: LLaVA-1.5's LCS-558K (blip_laion_cc_sbu_558k.json, 558,128) and
 # llava_v1_5_mix665k.json (665,298), as listed in the LLaVA repository's data docs.
 DATASET_SAMPLES = {'pretrain': 558_128, 'finetune': 665_298}
@@ -632,6 +626,11 @@ def _random_batch(model, processor, batch: int, text_tokens: int, device, dtype,
         data['boxes'] = [torch.cat([c.min(1).values, c.max(1).values], -1).to(device, dtype)
                          for c in corners]  # (n, 4) xyxy per image
     return data, visual
+
+
+def datasheet_bf16_peak(device_name: str) -> Optional[float]:
+    """The datasheet's dense bf16 FLOP/s of a known NVIDIA device, else None."""
+    return next((peak for name, peak in DATASHEET_BF16_PEAKS if name in device_name), None)
 
 
 def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 3,
@@ -711,8 +710,7 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
                   flops_per_sample=flops, mfu_vs_a100=mfu, samples=DATASET_SAMPLES[stage],
                   gradient_checkpointing=model_cfg.get('gradient_checkpointing'),
                   checkpointed_layers=getattr(model, 'checkpointed_layers', None))
-    result['projected_hours_8xA100'] = project_hours(flops, DATASET_SAMPLES[stage], min(mfu, 1.0),
-                                                     gpus=gpus)
+    projection_mfu = mfu
     if cuda:
         from mllm.bench.gpu import matmul_peak
         result['peak_memory_gb'] = torch.cuda.max_memory_allocated() / 1e9
@@ -724,9 +722,9 @@ def bench_step(cfg, stage: str = 'finetune', device: str = 'cuda', steps: int = 
         # 1 on an H200 and says nothing about an A100's step
         datasheet = datasheet_bf16_peak(result['device'])
         result['mfu_vs_datasheet'] = achieved / datasheet if datasheet else None
-        result['projected_hours_8xA100'] = project_hours(
-            flops, DATASET_SAMPLES[stage],
-            min(result['mfu_vs_datasheet'] or result['mfu'], 1.0), gpus=gpus)
+        projection_mfu = result['mfu_vs_datasheet'] or result['mfu']
+    result['projected_hours_8xA100'] = project_hours(flops, DATASET_SAMPLES[stage],
+                                                     min(projection_mfu, 1.0), gpus=gpus)
     return result
 
 

@@ -171,8 +171,7 @@ def worst_batch(micro_batch: int, max_length: int, visual_tokens: int, flat: boo
         return Batch(micro_batch, micro_batch * s, s, micro_batch * max(s - visual_tokens, 1),
                      micro_batch, f'{s} tokens per sample (assumed)')
     import numpy as np
-    full = np.minimum(np.asarray(lengths['text']) + np.asarray(lengths['images']) * visual_tokens,
-                      max_length)
+    full = sample_tokens(lengths, visual_tokens, max_length)
     if len(full) < micro_batch:
         micro_batch = len(full)
     top = np.sort(full)[::-1][:micro_batch]
@@ -184,6 +183,22 @@ def worst_batch(micro_batch: int, max_length: int, visual_tokens: int, flat: boo
                  f"{len(full)} samples ({lengths.get('source', 'token cache')}): the "
                  f'{micro_batch} longest, '
                  f'median {int(np.median(full))}, longest {longest} tokens')
+
+
+def sample_tokens(lengths: dict, visual_tokens: int, max_length: int):
+    """Each sample's tokens in the LLM (text, plus the visual tokens of its image),
+    truncated to ``max_length``: a numpy array."""
+    import numpy as np
+    return np.minimum(np.asarray(lengths['text']) + np.asarray(lengths['images']) * visual_tokens,
+                      max_length)
+
+
+def llm_bytes_per_token(llm: Transformer, precision: str = 'bf16') -> Dict[str, float]:
+    """Bytes per token of a kept LLM layer and of a checkpointed one's input: the
+    ``kept`` and ``checkpointed`` of ``LLaVAModel(gradient_checkpointing=dict(per_batch=
+    ...))``. Activations are counted in 16-bit; fp32 doubles them."""
+    scale = 2 if precision == 'fp32' else 1
+    return dict(kept=scale * block_bytes_per_token(llm), checkpointed=scale * 2 * llm.hidden)
 
 
 def activation_gb(llm: Transformer, vocab: int, batch: Batch, llm_checkpoint: int,
@@ -325,9 +340,7 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
                        # the compiled kernels run on CUDA only (bf16 runs here)
                        fused=bool(cfg.model.get('fused_elementwise')) and precision != 'fp32')
     scale = 2 if precision == 'fp32' else 1  # activations are counted in 16-bit
-    # a kept LLM layer and a checkpointed one's input
-    bytes_per_token = dict(kept=scale * block_bytes_per_token(llm),
-                           checkpointed=scale * 2 * llm.hidden)
+    bytes_per_token = llm_bytes_per_token(llm, precision)
     llm_trains = any(t == 'llm' or t.startswith('llm.') for t in trainable) or bool(
         cfg.model.get('lora'))
     vision = None
@@ -343,9 +356,8 @@ def plan_memory(cfg, gpus: int = 8, gpu_mem_gb: float = 80.0, precision: str = '
     median_sample_tokens = None
     if lengths is not None and seq_len is None:
         import numpy as np
-        median_sample_tokens = int(np.median(np.minimum(
-            np.asarray(lengths['text']) + np.asarray(lengths['images']) * report['visual_tokens'],
-            max_length)))
+        median_sample_tokens = int(np.median(
+            sample_tokens(lengths, report['visual_tokens'], max_length)))
     vocab = cfg.llm['config']['vocab_size']
     head = _answer_only_head(cfg)
     setting = cfg.model.get('gradient_checkpointing', False)

@@ -427,8 +427,8 @@ def fuse_elementwise(llm: torch.nn.Module, enabled: bool = True) -> int:
     backward recomputes the product rather than keep it, which takes 8h + 4i bytes per token
     off every kept layer (``mllm.bench.memory``), and reads the activations once. The
     forward's values are the same ops in the same precision; the compiled reduction may
-    round differently in the last bit. ``enabled=False`` restores HF's
-    forwards. Returns how many modules run fused; a model with none is an error.
+    round differently in the last bit. ``enabled=False`` restores HF's forwards. Returns
+    how many modules run fused; a model with none is an error.
     """
     count = 0
     for module in llm.modules():
